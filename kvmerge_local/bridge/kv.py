@@ -1,0 +1,179 @@
+"""The KV bridge: read one sequence's cache into NumPy, apply a compaction plan, write it back.
+
+    bridge = KVBridge(ctx)
+    st = bridge.read()                          # KVState: k4/v4 [n_layer, n_kv_head, N, head_dim] views
+    ev = bridge.evidence(st)                    # float32[n_layer, n_kv_head, N] (patched llama.cpp)
+    new = bridge.compact(plan, st)              # writes the compacted cache; on failure restores st
+
+Compaction builds a fresh blob of ``m`` cells and fills it in place: float caches go through the Numba
+apply kernel directly on the blob views (f16 as bit patterns, no whole-cache conversion); quantized
+caches (q8_0, q4_0; stored Hadamard-rotated, which merging does not need to undo because the rotation
+is orthonormal and merges are linear) are dequantized, merged in float32 and requantized, with copy
+slots moved as raw blocks so they stay bit-identical.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from ..errors import KVMergeError
+from ..plan import Plan
+from . import _lib
+from .context import LlamaContext
+from .state import KVState, new_state, parse_state
+
+log = logging.getLogger(__name__)
+
+
+def copy_sources(plan: Plan, which: str) -> np.ndarray:
+    """int64[n_layer, n_kv_head, m]: the input cell a slot copies unchanged, or -1 for a merged slot.
+
+    A slot is a copy when exactly one of its sources has a non-zero weight (``wk`` or ``wv``) and that
+    weight is 1 -- the same rule as the apply kernel.
+    """
+    w = plan.wk if which == "k" else plan.wv
+    off = plan.offsets
+    L, H, m = plan.pos.shape
+    counts = (off[..., 1:] - off[..., :-1]).reshape(-1)
+    nz = w != 0
+    slot_of = np.repeat(np.arange(L * H * m), counts)
+    n_nz = np.bincount(slot_of, weights=nz, minlength=L * H * m)
+    # the last non-zero source of each slot (the only one where n_nz == 1)
+    idx = np.where(nz, np.arange(len(w)), -1)
+    last = np.full(L * H * m, -1, dtype=np.int64)
+    np.maximum.at(last, slot_of, idx)
+    ok = (n_nz == 1) & (last >= 0)
+    ok[ok] &= w[last[ok]] == 1.0
+    out = np.full(L * H * m, -1, dtype=np.int64)
+    out[ok] = plan.src[last[ok]]
+    return out.reshape(L, H, m)
+
+
+def apply_plan_to_state(st: KVState, plan: Plan) -> KVState:
+    """A new KVState of ``plan.m`` cells built from ``st`` by ``plan`` (``st`` is not modified)."""
+    from ..kernels.apply import apply_plan  # noqa: PLC0415 - numba compile on first use
+
+    if plan.n_in != st.n_cells or plan.n_layer != st.geom.n_layer or plan.n_kv_head != st.geom.n_kv_head:
+        raise ValueError(f"plan for {plan.n_layer}x{plan.n_kv_head} heads and {plan.n_in} cells does not "
+                         f"match the cache ({st.geom.n_layer}x{st.geom.n_kv_head}, {st.n_cells} cells)")
+    out = new_state(st, plan.m, plan.cell_positions())
+    for which, src4, dst4, t in (("k", st.k4, out.k4, st.k_type), ("v", st.v4, out.v4, st.v_type)):
+        if src4.dtype == np.uint8:
+            _apply_quantized(src4, dst4, t, plan, which)
+        else:
+            apply_plan(src4, dst4, plan, which)
+    return out
+
+
+def _apply_quantized(src4: np.ndarray, dst4: np.ndarray, type_id: int, plan: Plan, which: str) -> None:
+    """Quantized blocks [L, H, N, head_bytes] -> [L, H, m, head_bytes]: merges via float32, copies raw."""
+    from .. import codec  # noqa: PLC0415
+    from ..kernels.apply import apply_plan  # noqa: PLC0415
+
+    L, H, N, hb = src4.shape
+    m = dst4.shape[2]
+    d = codec.n_elems_of_row(type_id, hb)
+    cs = copy_sources(plan, which)
+    if np.any(cs < 0):
+        raw = np.ascontiguousarray(src4).reshape(L * H * N, hb)
+        x = np.empty((L * H * N, d), dtype=np.float32)
+        codec.dequantize_rows(raw, type_id, x)
+        y = np.empty((L, H, m, d), dtype=np.float32)
+        apply_plan(x.reshape(L, H, N, d), y, plan, which)
+        q = np.empty((L * H * m, hb), dtype=np.uint8)
+        codec.quantize_rows(y.reshape(L * H * m, d), type_id, q)
+        dst4[...] = q.reshape(L, H, m, hb)
+    li, hi, ji = np.nonzero(cs >= 0)
+    dst4[li, hi, ji] = src4[li, hi, cs[li, hi, ji]]
+
+
+class KVBridge:
+    """Reads, compacts and writes sequence 0 of a :class:`LlamaContext`; captures attention evidence."""
+
+    seq_id = 0
+
+    def __init__(self, ctx: LlamaContext) -> None:
+        self.ctx = ctx
+        self.geom = ctx.model.geom
+        self._buf: np.ndarray | None = None
+        self.timings: dict[str, float] = {}
+
+    # --- state ---------------------------------------------------------------------------------------
+    def read(self) -> KVState:
+        """The current cache of the sequence (its own blob: later writes do not change it)."""
+        t0 = time.perf_counter()
+        blob = _lib.state_seq_get(self.ctx.ptr, self.seq_id)
+        st = parse_state(blob, self.geom)
+        self.timings["read"] = time.perf_counter() - t0
+        return st
+
+    def write(self, st: KVState) -> None:
+        """Replace the sequence's cache with ``st`` (cells land in slots 0..n-1 in blob order)."""
+        if st.n_cells > self.ctx.n_ctx:
+            raise KVMergeError(f"{st.n_cells} cells do not fit a context of {self.ctx.n_ctx}")
+        t0 = time.perf_counter()
+        _lib.state_seq_set(self.ctx.ptr, st.blob, self.seq_id)
+        self.timings["write"] = time.perf_counter() - t0
+
+    def replace(self, new: KVState, old: KVState) -> None:
+        """Write ``new``; if that fails, write ``old`` back and re-raise (never half-compacted)."""
+        try:
+            self.write(new)
+        except BaseException:
+            log.warning("writing the compacted cache failed; restoring the %d-cell original", old.n_cells)
+            self.write(old)
+            raise
+
+    def compact(self, plan: Plan, st: KVState | None = None) -> KVState:
+        """Apply ``plan`` to the cache (read now unless ``st`` is given) and write the result back.
+
+        On any failure (bad plan, kernel error, llama.cpp refusing the blob) the original cache is
+        restored before the exception propagates.
+        """
+        st = self.read() if st is None else st
+        t0 = time.perf_counter()
+        try:
+            plan.validate()
+            new = apply_plan_to_state(st, plan)
+        except BaseException:
+            self.write(st)  # the context may have been touched by the caller; make it whole
+            raise
+        self.timings["apply"] = time.perf_counter() - t0
+        self.replace(new, st)
+        return new
+
+    # --- evidence ------------------------------------------------------------------------------------
+    def enable_evidence(self, window: int) -> None:
+        """Accumulate evidence from now on: the last ``window`` queries of each decode (0: all)."""
+        if window < 0:
+            raise ValueError("window must be >= 0 (0 means every query)")
+        _lib.evidence_enable(self.ctx.ptr, window)
+
+    def disable_evidence(self) -> None:
+        _lib.evidence_enable(self.ctx.ptr, -1)
+
+    def reset_evidence(self) -> None:
+        _lib.evidence_reset(self.ctx.ptr)
+
+    def evidence(self, st: KVState | None = None, per_kv_head: bool = True) -> np.ndarray:
+        """Accumulated evidence of the sequence's cells, in blob order.
+
+        Returns float32[n_layer, n_kv_head, N] (query heads of a GQA group summed) or, with
+        ``per_kv_head=False``, float32[n_layer, n_head, N].  ``st`` only fixes N for a consistency check.
+        """
+        slots, _ = _lib.seq_cells(self.ctx.ptr, self.seq_id)
+        if st is not None and len(slots) != st.n_cells:
+            raise KVMergeError(f"the cache holds {len(slots)} cells, the state {st.n_cells}: read it again")
+        n_head = int(self.ctx.model.info["n_head"])
+        n_cells = int(slots.max()) + 1 if len(slots) else 0
+        L, Hk = self.geom.n_layer, self.geom.n_kv_head
+        out = np.zeros((L, n_head, len(slots)), dtype=np.float32)
+        tmp = np.empty((n_head, n_cells), dtype=np.float32)
+        for il in range(L):
+            if _lib.evidence_get(self.ctx.ptr, il, n_head, n_cells, tmp):
+                out[il] = tmp[:, slots]
+        if per_kv_head:
+            return out.reshape(L, Hk, n_head // Hk, len(slots)).sum(axis=2)
+        return out
