@@ -81,3 +81,17 @@ class Plan:
         if m != self.n_in or self.src.shape[0] != L * H * m:
             return False
         return bool(np.all(self.src.reshape(L, H, m) == np.arange(m)) and np.all(self.wk == 1) and np.all(self.wv == 1))
+
+    def carry_evidence(self, evidence: np.ndarray) -> np.ndarray:
+        """float32[L, H, m]: evidence for the compacted cells (ALGORITHMS.md: a kept cell carries its own,
+        a merged cell the sum of its members').  Members are the sources with a non-zero key weight, so
+        CaM's value-only merges do not move evidence.  ``evidence``: float[L, H, n_in]."""
+        L, H, m = self.pos.shape
+        ev = np.asarray(evidence, np.float32)
+        if ev.shape != (L, H, self.n_in):
+            raise ValueError(f"evidence shape {ev.shape} != {(L, H, self.n_in)}")
+        head = np.repeat(np.arange(L * H), np.diff(self.offsets.reshape(L * H, m + 1)[:, [0, -1]], axis=1)[:, 0])
+        vals = np.where(self.wk != 0, ev.reshape(L * H, self.n_in)[head, self.src], np.float32(0))
+        starts = self.offsets[:, :, :m].reshape(-1)
+        out = np.add.reduceat(vals, starts) if vals.size else np.zeros(L * H * m, np.float32)
+        return out.astype(np.float32).reshape(L, H, m)

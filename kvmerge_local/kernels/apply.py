@@ -1,0 +1,121 @@
+"""The one kernel that applies a compaction :class:`~kvmerge_local.plan.Plan` to a K or V cache.
+
+``src``: ``[n_layer, n_kv_head, N, head_dim]`` and ``dst``: ``[n_layer, n_kv_head, m, head_dim]``, both
+float32 or both float16 (passed to Numba as ``uint16`` bit views), any strides -- e.g. llama.cpp's
+transposed V, where the cell axis has element stride 1.  For each (layer, head, slot), with ``w`` the
+plan's ``wk`` (keys) or ``wv`` (values):
+
+- *copy* -- exactly one source with a non-zero weight and that weight is 1: the raw element is moved
+  (bit-exact; CaM's key slots, whose merged sources carry ``wk == 0``, are copies);
+- *merge* -- ``sum_t w_t * x_t`` accumulated in float32 in source order (zero weights skipped), rounded
+  once to the destination type (saturated to the finite f16 range).
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from numba import njit, prange
+
+from ..plan import Plan
+from .f16 import as_kernel_array, load, store
+
+log = logging.getLogger(__name__)
+
+
+@njit(cache=True)
+def _copy_source(offsets, w, l, h, j):
+    """Index into the flat arrays of the single unit-weight source of slot j, or -1 for a merge."""
+    one = -1
+    nz = 0
+    for t in range(offsets[l, h, j], offsets[l, h, j + 1]):
+        if w[t] != 0.0:
+            nz += 1
+            one = t
+    if nz == 1 and w[one] == 1.0:
+        return one
+    return -1
+
+
+@njit(cache=True, parallel=True)
+def apply_plan_kernel(src, dst, offsets, psrc, w, transposed):
+    """Fill ``dst[l, h, j, :]`` from ``src`` following the CSR plan (offsets, psrc, w).
+
+    src: float32 or uint16 (f16 bits) [L, H, N, d]; dst: same dtype [L, H, m, d]; offsets int64[L, H, m+1];
+    psrc int32[nnz]; w float32[nnz].  ``transposed``: iterate slots innermost (cell axis contiguous).
+    """
+    L, H = src.shape[0], src.shape[1]
+    d = src.shape[3]
+    m = dst.shape[2]
+    for lh in prange(L * H):
+        l = lh // H
+        h = lh - l * H
+        acc = np.empty(d, np.float32)
+        copy_from = np.empty(m, np.int64)
+        for j in range(m):
+            t = _copy_source(offsets, w, l, h, j)
+            copy_from[j] = psrc[t] if t >= 0 else -1
+        if transposed:
+            for e in range(d):
+                for j in range(m):
+                    s = copy_from[j]
+                    if s >= 0:
+                        dst[l, h, j, e] = src[l, h, s, e]
+        else:
+            for j in range(m):
+                s = copy_from[j]
+                if s >= 0:
+                    for e in range(d):
+                        dst[l, h, j, e] = src[l, h, s, e]
+        for j in range(m):
+            if copy_from[j] >= 0:
+                continue
+            for e in range(d):
+                acc[e] = 0.0
+            for t in range(offsets[l, h, j], offsets[l, h, j + 1]):
+                wt = w[t]
+                if wt != 0.0:
+                    s = psrc[t]
+                    for e in range(d):
+                        acc[e] += wt * load(src[l, h, s, e])
+            for e in range(d):
+                dst[l, h, j, e] = store(acc[e], dst)
+
+
+def _check(src: np.ndarray, dst: np.ndarray, plan: Plan) -> None:
+    if src.ndim != 4 or dst.ndim != 4:
+        raise ValueError(f"src and dst must be 4-D [n_layer, n_kv_head, cells, head_dim], got {src.shape}, {dst.shape}")
+    L, H, N, d = src.shape
+    if N != plan.n_in or (L, H) != (plan.n_layer, plan.n_kv_head):
+        raise ValueError(f"src shape {src.shape} does not match the plan ({plan.n_layer}, {plan.n_kv_head}, {plan.n_in})")
+    if dst.shape != (L, H, plan.m, d):
+        raise ValueError(f"dst shape {dst.shape} != {(L, H, plan.m, d)}")
+    if src.dtype != dst.dtype:
+        raise ValueError(f"src and dst dtypes differ: {src.dtype} vs {dst.dtype}")
+    if not dst.flags.writeable:
+        raise ValueError("dst is read-only")
+
+
+def apply_plan(src: np.ndarray, dst: np.ndarray, plan: Plan, which: str = "k") -> np.ndarray:
+    """Apply ``plan`` to ``src`` writing ``dst`` in place; ``which`` selects the weights: "k" (wk) or "v" (wv).
+
+    src [L, H, N, d], dst [L, H, m, d]: both float16 or both float32, any strides.  Returns ``dst``.
+    """
+    if which not in ("k", "v"):
+        raise ValueError(f"which must be 'k' or 'v', got {which!r}")
+    _check(src, dst, plan)
+    s = as_kernel_array(src, "src")
+    t = as_kernel_array(dst, "dst")
+    transposed = src.shape[3] > 1 and abs(src.strides[2]) < abs(src.strides[3])
+    apply_plan_kernel(s, t, plan.offsets, plan.src, plan.wk if which == "k" else plan.wv, transposed)
+    return dst
+
+
+def apply_plan_keys(src: np.ndarray, dst: np.ndarray, plan: Plan) -> np.ndarray:
+    """:func:`apply_plan` with the key weights ``wk``."""
+    return apply_plan(src, dst, plan, "k")
+
+
+def apply_plan_values(src: np.ndarray, dst: np.ndarray, plan: Plan) -> np.ndarray:
+    """:func:`apply_plan` with the value weights ``wv``."""
+    return apply_plan(src, dst, plan, "v")

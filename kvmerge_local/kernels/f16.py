@@ -1,0 +1,171 @@
+"""IEEE half <-> single conversion on raw ``uint16`` bit patterns, inside Numba kernels.
+
+Numba has no CPU ``float16`` arrays, so f16 caches are passed as ``uint16`` views and only the rows a
+kernel touches are converted.  Both directions are bit-identical to NumPy's ``astype`` for every
+finite value, signed zeros, subnormals and infinities (round-half-to-even, overflow to inf); NaNs stay
+NaN (payload kept as NumPy's portable C path does).
+
+Generic helpers used by the other kernels:
+
+- ``load(x)`` -- one element (``uint16`` f16 bits or ``float32``) as ``float32``.
+- ``store(v, arr)`` -- ``float32`` value ``v`` converted to ``arr``'s element type (f16 bits or f32),
+  saturated to the finite f16 range for f16 (merged states never become inf).
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
+
+log = logging.getLogger(__name__)
+
+F16_MAX_BITS = 0x7BFF
+
+
+@intrinsic
+def _u32_as_f32(typingctx, x):
+    """Reinterpret the low 32 bits of an integer as float32 (LLVM trunc + bitcast)."""
+    if not isinstance(x, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        if v.type.width > 32:
+            v = builder.trunc(v, ir.IntType(32))
+        elif v.type.width < 32:
+            v = builder.zext(v, ir.IntType(32))
+        return builder.bitcast(v, ir.FloatType())
+
+    return types.float32(x), codegen
+
+
+@intrinsic
+def _f32_as_u32(typingctx, x):
+    """Reinterpret the bits of a float32 as uint32 (LLVM bitcast)."""
+    if not isinstance(x, types.Float) or x.bitwidth != 32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+@njit(cache=True)
+def f16_bits_to_f32(h):
+    """uint16 half bits -> float32 value (exact)."""
+    hh = np.uint32(h)
+    sign = (hh & np.uint32(0x8000)) << np.uint32(16)
+    exp = (hh >> np.uint32(10)) & np.uint32(0x1F)
+    mant = hh & np.uint32(0x3FF)
+    if exp == 0:
+        if mant == 0:
+            return _u32_as_f32(sign)
+        e = np.uint32(113)  # 127 - 15 + 1
+        while (mant & np.uint32(0x400)) == 0:
+            mant <<= np.uint32(1)
+            e -= np.uint32(1)
+        mant &= np.uint32(0x3FF)
+        return _u32_as_f32(sign | (e << np.uint32(23)) | (mant << np.uint32(13)))
+    if exp == 31:
+        return _u32_as_f32(sign | np.uint32(0x7F800000) | (mant << np.uint32(13)))
+    return _u32_as_f32(sign | ((exp + np.uint32(112)) << np.uint32(23)) | (mant << np.uint32(13)))
+
+
+@njit(cache=True)
+def f32_to_f16_bits(v):
+    """float32 value -> uint16 half bits, round-half-to-even (NumPy's npy_floatbits_to_halfbits)."""
+    f = _f32_as_u32(np.float32(v))
+    h_sgn = (f & np.uint32(0x80000000)) >> np.uint32(16)
+    f_exp = f & np.uint32(0x7F800000)
+    if f_exp >= np.uint32(0x47800000):
+        if f_exp == np.uint32(0x7F800000):
+            f_sig = f & np.uint32(0x007FFFFF)
+            if f_sig != 0:
+                ret = np.uint32(0x7C00) + (f_sig >> np.uint32(13))
+                if ret == np.uint32(0x7C00):
+                    ret += np.uint32(1)
+                return np.uint16(h_sgn + ret)
+        return np.uint16(h_sgn + np.uint32(0x7C00))
+    if f_exp <= np.uint32(0x38000000):
+        if f_exp < np.uint32(0x33000000):
+            return np.uint16(h_sgn)
+        e = f_exp >> np.uint32(23)
+        f_sig = np.uint32(0x00800000) + (f & np.uint32(0x007FFFFF))
+        f_sig >>= np.uint32(113) - e
+        if ((f_sig & np.uint32(0x3FFF)) != np.uint32(0x1000)) or ((f & np.uint32(0x7FF)) != 0):
+            f_sig += np.uint32(0x1000)
+        return np.uint16(h_sgn + (f_sig >> np.uint32(13)))
+    h_exp = (f_exp - np.uint32(0x38000000)) >> np.uint32(13)
+    f_sig = f & np.uint32(0x007FFFFF)
+    if (f_sig & np.uint32(0x3FFF)) != np.uint32(0x1000):
+        f_sig += np.uint32(0x1000)
+    return np.uint16(h_sgn + h_exp + (f_sig >> np.uint32(13)))
+
+
+def load(x):
+    """Element (f16 bits or f32) -> float32.  Numba-only (see the overload)."""
+    return np.float32(np.asarray(x, np.uint16).view(np.float16)) if isinstance(x, np.uint16) else np.float32(x)
+
+
+@overload(load)
+def _load_ov(x):
+    if x == types.uint16:
+        return lambda x: f16_bits_to_f32(x)
+    if isinstance(x, types.Float):
+        return lambda x: np.float32(x)
+    return None
+
+
+def store(v, arr):
+    """float32 -> ``arr``'s element type.  Numba-only (see the overload)."""
+    return v
+
+
+@overload(store)
+def _store_ov(v, arr):
+    if arr.dtype == types.uint16:
+
+        def impl(v, arr):
+            b = f32_to_f16_bits(v)
+            if (b & np.uint16(0x7FFF)) == np.uint16(0x7C00):  # saturate: merged states stay finite
+                b = np.uint16((b & np.uint16(0x8000)) | np.uint16(F16_MAX_BITS))
+            return b
+
+        return impl
+    if arr.dtype == types.float32:
+        return lambda v, arr: np.float32(v)
+    return None
+
+
+@njit(cache=True, parallel=True)
+def f16_to_f32_array(bits):
+    """uint16[n] half bits -> float32[n] (test/diagnostic helper; kernels convert row by row)."""
+    out = np.empty(bits.shape[0], np.float32)
+    for i in prange(bits.shape[0]):
+        out[i] = f16_bits_to_f32(bits[i])
+    return out
+
+
+@njit(cache=True, parallel=True)
+def f32_to_f16_array(x):
+    """float32[n] -> uint16[n] half bits, no saturation (test/diagnostic helper)."""
+    out = np.empty(x.shape[0], np.uint16)
+    for i in prange(x.shape[0]):
+        out[i] = f32_to_f16_bits(x[i])
+    return out
+
+
+def as_kernel_array(a: np.ndarray, name: str = "array") -> np.ndarray:
+    """View a float16 array as uint16 (same strides, no copy); float32 passes through.
+
+    Raises ValueError for other dtypes.
+    """
+    if a.dtype == np.float16:
+        return a.view(np.uint16)
+    if a.dtype == np.float32 or a.dtype == np.uint16:
+        return a
+    raise ValueError(f"{name} must be float16 or float32, got {a.dtype}")
