@@ -190,11 +190,16 @@ def parse_state(blob: np.ndarray, geom: KVGeometry) -> KVState:
     k_off = doff + 8
     k_type = _i32(b, k_off)
     v_off = k_off + n_layer * (12 + n * _u64(b, k_off + 4))
+    if v_off + 12 > b.nbytes:
+        raise UnsupportedCacheError("state blob is truncated")
     v_type = _i32(b, v_off)
     for t in (k_type, v_type):
         if t not in TYPES:
             raise UnsupportedCacheError(f"KV cache type {type_name(t)} is not supported "
                                         f"(use one of {', '.join(TYPE_IDS)})")
+    v_block = 12 + (_u32(b, v_off + 4) * _u32(b, v_off + 8) * n if v_trans else n * _u64(b, v_off + 4))
+    if v_off + n_layer * v_block > b.nbytes:
+        raise UnsupportedCacheError("state blob is truncated")
     st = KVState(b, geom, seq_id, n, k_type, v_type, bool(v_trans), cell_off, k_off, v_off)
     _check_layers(b, st)
     return st
@@ -230,9 +235,6 @@ def _check_layers(b: np.ndarray, st: KVState) -> None:
             ok = _i32(b, vo) == st.v_type and _u64(b, vo + 4) == st.v_row_bytes
         if not ok:
             raise UnsupportedCacheError(f"layer {l} V type/width differs (per-layer KV widths are unsupported)")
-    end = st._v_off + L * (12 + N * st.v_row_bytes)
-    if end > b.nbytes:
-        raise UnsupportedCacheError("state blob is truncated")
 
 
 def new_state(like: KVState, n_cells: int, pos: np.ndarray | None = None) -> KVState:

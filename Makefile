@@ -1,0 +1,39 @@
+# kvmerge-local: the two commands a newcomer needs are `make demo` and `make test`; both set up
+# everything first (virtual environment, patched llama.cpp wheel, cached outside the repo).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+export OMP_WAIT_POLICY ?= PASSIVE
+
+.PHONY: setup deps llama test demo bench clean
+
+setup: deps llama
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# Python dependencies (re-run when pyproject.toml changes)
+$(VENV)/.deps: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+deps: $(VENV)/.deps
+
+# llama-cpp-python 0.3.36 built from its sdist with patches/ applied (wheel cached by content key)
+llama: | $(PY)
+	bash scripts/build_llama.sh $(VENV)
+	$(PY) -c "from kvmerge_local.bridge import _lib; _lib.lib(); print('patched libllama OK')"
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+demo: setup
+	$(PY) -m kvmerge_local.cli demo
+
+bench: setup
+	$(PY) bench/bench_bridge.py
+	$(PY) bench/bench_methods.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info
