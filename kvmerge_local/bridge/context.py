@@ -76,7 +76,13 @@ class LlamaModel:
             raise ModelError(f"{p.name}: {problem} is not supported by the KV bridge; use a plain "
                              "Llama-architecture model")
         n_head, n_kv = self.info["n_head"], self.info["n_head_kv"]
-        self.geom = KVGeometry(self.info["n_layer"], n_kv, self.info["n_embd"] // n_head)
+        arch_ = self.info["arch"]
+        hd_k = int(self.meta(f"{arch_}.attention.key_length") or self.info["n_embd"] // n_head)
+        hd_v = int(self.meta(f"{arch_}.attention.value_length") or hd_k)
+        if hd_k != hd_v or hd_k % 32:
+            self.close()
+            raise ModelError(f"{p.name}: K/V head sizes {hd_k}/{hd_v} are not supported (equal multiples of 32)")
+        self.geom = KVGeometry(self.info["n_layer"], n_kv, hd_k)
         log.info("loaded %s: %s", p.name, self.info)
 
     @property

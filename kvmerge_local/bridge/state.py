@@ -238,7 +238,7 @@ def _check_layers(b: np.ndarray, st: KVState) -> None:
 
 
 def new_state(like: KVState, n_cells: int, pos: np.ndarray | None = None) -> KVState:
-    """A fresh blob with ``like``'s types and layout and ``n_cells`` cells; headers written, data zeroed.
+    """A fresh blob with ``like``'s types and layout and ``n_cells`` cells; headers written, K/V data uninitialized.
 
     ``pos``: int32[n_cells] cell positions (written when given).  The K/V views of the result are
     writable, so kernels fill the new blob in place (no intermediate arrays).
@@ -247,7 +247,7 @@ def new_state(like: KVState, n_cells: int, pos: np.ndarray | None = None) -> KVS
     rk = like.k_row_bytes
     vblock = 12 + (g.n_embd_kv * N * TYPES[like.v_type][2] if like.v_trans else N * like.v_row_bytes)
     size = 12 + 4 + 12 * N + 8 + g.n_layer * (12 + N * rk) + g.n_layer * vblock
-    b = np.zeros(size, dtype=np.uint8)
+    b = np.empty(size, dtype=np.uint8)
     b[0:4].view(np.uint32)[0] = STATE_MAGIC
     b[4:8].view(np.int32)[0] = like.seq_id
     b[8:12].view(np.uint32)[0] = 1
