@@ -18,7 +18,8 @@ import numpy as np
 from numba import njit, prange
 
 from ..plan import Plan
-from .f16 import as_kernel_array, load, store
+from .f16 import load, store
+from .strided import flat_view, row_offset
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +39,16 @@ def _copy_source(offsets, w, l, h, j):
 
 
 @njit(cache=True, parallel=True)
-def apply_plan_kernel(src, dst, offsets, psrc, w, transposed):
-    """Fill ``dst[l, h, j, :]`` from ``src`` following the CSR plan (offsets, psrc, w).
+def apply_plan_kernel(sflat, sg, dflat, dg, offsets, psrc, w):
+    """Fill dst from src following the CSR plan (offsets int64[L, H, m+1], psrc int32[nnz], w float32[nnz]).
 
-    src: float32 or uint16 (f16 bits) [L, H, N, d]; dst: same dtype [L, H, m, d]; offsets int64[L, H, m+1];
-    psrc int32[nnz]; w float32[nnz].  ``transposed``: iterate slots innermost (cell axis contiguous).
+    ``sflat/sg`` and ``dflat/dg``: flat views and geometries (see :mod:`.strided`) of src [L, H, N, d]
+    and dst [L, H, m, d], both float32 or both f16 bits (uint16).  Rows are moved with unit-stride loops
+    when the head_dim axis is contiguous, else cell-innermost (transposed V).
     """
-    L, H = src.shape[0], src.shape[1]
-    d = src.shape[3]
-    m = dst.shape[2]
+    L, H, d = sg[5], sg[6], sg[8]
+    m = dg[7]
+    rows = sg[4] == 1 and dg[4] == 1
     for lh in prange(L * H):
         l = lh // H
         h = lh - l * H
@@ -55,18 +57,24 @@ def apply_plan_kernel(src, dst, offsets, psrc, w, transposed):
         for j in range(m):
             t = _copy_source(offsets, w, l, h, j)
             copy_from[j] = psrc[t] if t >= 0 else -1
-        if transposed:
+        if rows:
+            for j in range(m):
+                s = copy_from[j]
+                if s >= 0:
+                    so = row_offset(sg, l, h, s)
+                    do = row_offset(dg, l, h, j)
+                    srow = sflat[so:so + d]
+                    drow = dflat[do:do + d]
+                    for e in range(d):
+                        drow[e] = srow[e]
+        else:
+            sb = row_offset(sg, l, h, 0)
+            db = row_offset(dg, l, h, 0)
             for e in range(d):
                 for j in range(m):
                     s = copy_from[j]
                     if s >= 0:
-                        dst[l, h, j, e] = src[l, h, s, e]
-        else:
-            for j in range(m):
-                s = copy_from[j]
-                if s >= 0:
-                    for e in range(d):
-                        dst[l, h, j, e] = src[l, h, s, e]
+                        dflat[db + j * dg[3] + e * dg[4]] = sflat[sb + s * sg[3] + e * sg[4]]
         for j in range(m):
             if copy_from[j] >= 0:
                 continue
@@ -75,11 +83,22 @@ def apply_plan_kernel(src, dst, offsets, psrc, w, transposed):
             for t in range(offsets[l, h, j], offsets[l, h, j + 1]):
                 wt = w[t]
                 if wt != 0.0:
-                    s = psrc[t]
-                    for e in range(d):
-                        acc[e] += wt * load(src[l, h, s, e])
-            for e in range(d):
-                dst[l, h, j, e] = store(acc[e], dst)
+                    so = row_offset(sg, l, h, psrc[t])
+                    if sg[4] == 1:
+                        srow = sflat[so:so + d]
+                        for e in range(d):
+                            acc[e] += wt * load(srow[e])
+                    else:
+                        for e in range(d):
+                            acc[e] += wt * load(sflat[so + e * sg[4]])
+            do = row_offset(dg, l, h, j)
+            if dg[4] == 1:
+                drow = dflat[do:do + d]
+                for e in range(d):
+                    drow[e] = store(acc[e], dflat)
+            else:
+                for e in range(d):
+                    dflat[do + e * dg[4]] = store(acc[e], dflat)
 
 
 def _check(src: np.ndarray, dst: np.ndarray, plan: Plan) -> None:
@@ -104,10 +123,11 @@ def apply_plan(src: np.ndarray, dst: np.ndarray, plan: Plan, which: str = "k") -
     if which not in ("k", "v"):
         raise ValueError(f"which must be 'k' or 'v', got {which!r}")
     _check(src, dst, plan)
-    s = as_kernel_array(src, "src")
-    t = as_kernel_array(dst, "dst")
-    transposed = src.shape[3] > 1 and abs(src.strides[2]) < abs(src.strides[3])
-    apply_plan_kernel(s, t, plan.offsets, plan.src, plan.wk if which == "k" else plan.wv, transposed)
+    if src.size == 0 or dst.size == 0:
+        return dst
+    sflat, sg = flat_view(src, "src")
+    dflat, dg = flat_view(dst, "dst")
+    apply_plan_kernel(sflat, sg, dflat, dg, plan.offsets, plan.src, plan.wk if which == "k" else plan.wv)
     return dst
 
 

@@ -22,7 +22,9 @@ import logging
 import numpy as np
 from numba import njit, prange
 
-from .f16 import load
+from .strided import flat_view, load_row
+from .select import pick_k
+from .similarity import FAST
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +45,10 @@ def _evict_runs(rs, re, nr, prot, ev, m, out_s, out_e):
                 cand[c] = r
                 vals[c] = s
                 c += 1
-        order = np.argsort(vals[:c], kind="mergesort")
-        for t in range(nr - m):
-            drop[cand[order[t]]] = True
+        picked = pick_k(vals[:c], nr - m, False, False)
+        for t in range(c):
+            if picked[t]:
+                drop[cand[t]] = True
     k = 0
     for r in range(nr):
         if not drop[r]:
@@ -77,9 +80,13 @@ def threshold_runs(cos, prot, evidence, m, eps):
                 if not cut[i]:
                     cand[c] = i
                     c += 1
-            order = np.argsort(cos[l, h][cand], kind="mergesort")
-            for t in range(m - 1 - ncut):
-                cut[cand[order[t]]] = True
+            vals = np.empty(c, np.float32)
+            for t in range(c):
+                vals[t] = cos[l, h, cand[t]]
+            picked = pick_k(vals, m - 1 - ncut, False, False)
+            for t in range(c):
+                if picked[t]:
+                    cut[cand[t]] = True
             ncut = m - 1
         rs = np.empty(ncut + 1, np.int64)
         re = np.empty(ncut + 1, np.int64)
@@ -147,7 +154,7 @@ def _heap_pop(hp, ha, hva, hb, hvb, n):
     return n
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FAST)
 def _cos(sums, n2, a, b):
     if n2[a] <= 0.0 or n2[b] <= 0.0:
         return 0.0
@@ -157,13 +164,13 @@ def _cos(sums, n2, a, b):
     return dot / np.sqrt(n2[a] * n2[b])
 
 
-@njit(cache=True, parallel=True)
-def budget_runs(keys, prot, evidence, m, eps, refuse_below_eps):
+@njit(cache=True, parallel=True, fastmath=FAST)
+def budget_runs_flat(kflat, kgeom, prot, evidence, m, eps, refuse_below_eps):
     """Budget-mode runs by adjacency-constrained agglomerative clustering (see the module docstring).
 
-    keys: float32 or f16 bits [L, H, N, d]; prot bool[L, H, N]; evidence float32[L, H, N].
+    keys as (kflat, kgeom) (see :mod:`.strided`); prot bool[L, H, N]; evidence float32[L, H, N].
     """
-    L, H, N, d = keys.shape
+    L, H, N, d = kgeom[5], kgeom[6], kgeom[7], kgeom[8]
     out_s = np.empty((L, H, m), np.int32)
     out_e = np.empty((L, H, m), np.int32)
     cap = 3 * N + 1
@@ -173,9 +180,11 @@ def budget_runs(keys, prot, evidence, m, eps, refuse_below_eps):
         p = prot[l, h]
         sums = np.empty((N, d), np.float64)
         n2 = np.zeros(N, np.float64)
+        row = np.empty(d, np.float32)
         for i in range(N):
+            load_row(kflat, kgeom, l, h, i, row)
             for e in range(d):
-                x = np.float64(load(keys[l, h, i, e]))
+                x = np.float64(row[e])
                 sums[i, e] = x
                 n2[i] += x * x
         end = np.arange(1, N + 1)
@@ -229,3 +238,8 @@ def budget_runs(keys, prot, evidence, m, eps, refuse_below_eps):
             i = end[i]
         _evict_runs(rs, re, ncl, p, evidence[l, h], m, out_s[l, h], out_e[l, h])
     return out_s, out_e
+
+
+def budget_runs(keys, prot, evidence, m, eps, refuse_below_eps):
+    """:func:`budget_runs_flat` for keys float16/float32 [L, H, N, d] of any strides."""
+    return budget_runs_flat(*flat_view(keys, "keys"), prot, evidence, m, eps, refuse_below_eps)

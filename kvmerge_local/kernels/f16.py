@@ -20,9 +20,22 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
+try:
+    from llvmlite.binding import get_host_cpu_features as _features
+except ImportError:  # pragma: no cover
+    _features = None
+
 log = logging.getLogger(__name__)
 
 F16_MAX_BITS = 0x7BFF
+
+
+def llvm_host_features() -> str:
+    """LLVM's feature string of this CPU ("+f16c,+avx2,..."); empty when unknown."""
+    try:
+        return str(_features().flatten()) if _features else ""
+    except Exception:  # pragma: no cover - exotic platforms
+        return ""
 
 
 @intrinsic
@@ -54,9 +67,21 @@ def _f32_as_u32(typingctx, x):
     return types.uint32(types.float32), codegen
 
 
+@intrinsic
+def _f16_fpext(typingctx, x):
+    """uint16 half bits -> float32 through LLVM ``fpext half`` (one vcvtph2ps with F16C)."""
+    if x != types.uint16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
 @njit(cache=True)
-def f16_bits_to_f32(h):
-    """uint16 half bits -> float32 value (exact)."""
+def f16_bits_to_f32_soft(h):
+    """uint16 half bits -> float32 value, pure integer code (exact)."""
     hh = np.uint32(h)
     sign = (hh & np.uint32(0x8000)) << np.uint32(16)
     exp = (hh >> np.uint32(10)) & np.uint32(0x1F)
@@ -76,7 +101,34 @@ def f16_bits_to_f32(h):
 
 
 @njit(cache=True)
-def f32_to_f16_bits(v):
+def f16_bits_to_f32_hw(h):
+    """uint16 half bits -> float32: hardware conversion (exact, vectorizable), NaN/inf by bits so NaN
+    payloads are kept exactly as NumPy does (the hardware would quiet signalling NaNs)."""
+    hh = np.uint32(h)
+    if (hh & np.uint32(0x7C00)) == np.uint32(0x7C00):
+        return _u32_as_f32(((hh & np.uint32(0x8000)) << np.uint32(16)) | np.uint32(0x7F800000)
+                           | ((hh & np.uint32(0x3FF)) << np.uint32(13)))
+    return _f16_fpext(np.uint16(h))
+
+
+@intrinsic
+def _f32_fptrunc(typingctx, x):
+    """float32 -> uint16 half bits through LLVM ``fptrunc`` (vcvtps2ph, round-half-to-even)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
+
+
+HAS_F16C = "+f16c" in llvm_host_features()
+f16_bits_to_f32 = f16_bits_to_f32_hw if HAS_F16C else f16_bits_to_f32_soft
+
+
+@njit(cache=True)
+def f32_to_f16_bits_soft(v):
     """float32 value -> uint16 half bits, round-half-to-even (NumPy's npy_floatbits_to_halfbits)."""
     f = _f32_as_u32(np.float32(v))
     h_sgn = (f & np.uint32(0x80000000)) >> np.uint32(16)
@@ -104,6 +156,18 @@ def f32_to_f16_bits(v):
     if (f_sig & np.uint32(0x3FFF)) != np.uint32(0x1000):
         f_sig += np.uint32(0x1000)
     return np.uint16(h_sgn + h_exp + (f_sig >> np.uint32(13)))
+
+
+@njit(cache=True)
+def f32_to_f16_bits_hw(v):
+    """float32 -> half bits: hardware rounding (identical to NumPy for non-NaN), NaN by NumPy's rule."""
+    x = np.float32(v)
+    if x != x:
+        return f32_to_f16_bits_soft(x)
+    return _f32_fptrunc(x)
+
+
+f32_to_f16_bits = f32_to_f16_bits_hw if HAS_F16C else f32_to_f16_bits_soft
 
 
 def load(x):

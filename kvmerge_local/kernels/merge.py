@@ -10,7 +10,8 @@ import logging
 import numpy as np
 from numba import njit, prange
 
-from .f16 import load
+from .strided import load_row
+from .similarity import FAST
 
 log = logging.getLogger(__name__)
 
@@ -24,23 +25,24 @@ def csr_offsets(counts: np.ndarray) -> np.ndarray:
     return cs[idx].reshape(L, H, m + 1)
 
 
-@njit(cache=True, parallel=True)
-def gaussian_runs_fill(keys, evidence, positions, start, end, sigma, use_rms, size_scale, offsets, src, wk, wv, pos):
+@njit(cache=True, parallel=True, fastmath=FAST)
+def gaussian_runs_fill(kflat, kgeom, evidence, positions, start, end, sigma, use_rms, size_scale, offsets, src, wk, wv, pos):
     """Fill the CSR plan for runs ``start/end`` int32[L, H, m] (KVMerger, ALGORITHMS.md steps 4-7).
 
     Pivot ``p`` = the member with the largest ``evidence`` (ties: the newest).  Weights
     ``g_i = exp(-||k_p - k_i||^2 / (2 sigma^2))``, ``w_i = g_i / sum_S g`` (float64, stored float32);
     ``use_rms``: ``sigma^2 = mean_S ||k_p - k_i||^2`` (all ``g = 1`` when that is 0).  ``wk = w``;
     ``wv = w * |S|`` when ``size_scale`` else ``w``.  The slot carries the pivot's position.
-    keys float32/f16-bits [L, H, N, d]; evidence float32[L, H, N]; positions int32[L, H, N].
+    keys as (kflat, kgeom) (see :mod:`.strided`); evidence float32[L, H, N]; positions int32[L, H, N].
     """
     L, H, m = start.shape
-    d = keys.shape[3]
+    d = kgeom[8]
     for lh in prange(L * H):
         l = lh // H
         h = lh - l * H
-        kp = np.empty(d, np.float64)
-        dist = np.empty(keys.shape[2], np.float64)
+        kp = np.empty(d, np.float32)
+        row = np.empty(d, np.float32)
+        dist = np.empty(kgeom[7], np.float64)
         for j in range(m):
             a = start[l, h, j]
             b = end[l, h, j]
@@ -55,13 +57,13 @@ def gaussian_runs_fill(keys, evidence, positions, start, end, sigma, use_rms, si
             for i in range(a + 1, b):
                 if evidence[l, h, i] >= evidence[l, h, piv]:
                     piv = i
-            for e in range(d):
-                kp[e] = load(keys[l, h, piv, e])
+            load_row(kflat, kgeom, l, h, piv, kp)
             tot = 0.0
             for i in range(a, b):
+                load_row(kflat, kgeom, l, h, i, row)
                 s = 0.0
                 for e in range(d):
-                    x = kp[e] - np.float64(load(keys[l, h, i, e]))
+                    x = np.float64(kp[e]) - np.float64(row[e])
                     s += x * x
                 dist[i - a] = s
                 tot += s

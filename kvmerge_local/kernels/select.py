@@ -14,12 +14,43 @@ log = logging.getLogger(__name__)
 
 
 @njit(cache=True)
+def pick_k(vals, k, largest, newest_ties):
+    """bool[c]: the ``k`` largest (or smallest) of ``vals`` (1-D, no NaN) in O(c) via ``np.partition``.
+
+    Among equal values at the cut, later entries win when ``newest_ties`` else earlier ones.
+    """
+    c = vals.shape[0]
+    out = np.zeros(c, np.bool_)
+    if k <= 0:
+        return out
+    if k >= c:
+        out[:] = True
+        return out
+    if largest:
+        thr = np.partition(vals, c - k)[c - k]
+    else:
+        thr = np.partition(vals, k - 1)[k - 1]
+    left = k
+    for t in range(c):
+        if (vals[t] > thr) if largest else (vals[t] < thr):
+            out[t] = True
+            left -= 1
+    for u in range(c):
+        if left == 0:
+            break
+        t = c - 1 - u if newest_ties else u
+        if vals[t] == thr:
+            out[t] = True
+            left -= 1
+    return out
+
+
+@njit(cache=True)
 def topk_mark(score, lo, hi, k, mark):
     """Set ``mark[i] = True`` for the ``k`` best unmarked ``i`` in ``[lo, hi)`` by ``score`` (1-D float32)."""
     if k <= 0:
         return
-    n = hi - lo
-    cand = np.empty(n, np.int64)
+    cand = np.empty(max(hi - lo, 0), np.int64)
     c = 0
     for i in range(lo, hi):
         if not mark[i]:
@@ -29,10 +60,10 @@ def topk_mark(score, lo, hi, k, mark):
     for t in range(c):
         v = score[cand[t]]
         vals[t] = -np.inf if np.isnan(v) else v
-    order = np.argsort(vals, kind="mergesort")
-    take = min(k, c)
-    for t in range(take):
-        mark[cand[order[c - 1 - t]]] = True
+    picked = pick_k(vals, k, True, True)
+    for t in range(c):
+        if picked[t]:
+            mark[cand[t]] = True
 
 
 @njit(cache=True, parallel=True)

@@ -10,34 +10,36 @@ import logging
 import numpy as np
 from numba import njit, prange
 
-from .f16 import load
+from .strided import flat_view, load_row
 
 log = logging.getLogger(__name__)
 
 
-@njit(cache=True, parallel=True)
-def adjacent_cosine(keys):
-    """``s[l, h, i] = cos(k_i, k_{i+1})`` as float32[L, H, N-1]; 0 where either key is the zero vector."""
-    L, H, N, d = keys.shape
+FAST = {"reassoc", "contract"}  # reductions may be vectorized (reordered sums); no nnan/ninf assumptions
+
+
+@njit(cache=True, parallel=True, fastmath=FAST)
+def adjacent_cosine_flat(flat, geom):
+    """``s[l, h, i] = cos(k_i, k_{i+1})`` as float32[L, H, N-1] for keys given as (flat, geom)."""
+    L, H, N, d = geom[5], geom[6], geom[7], geom[8]
     out = np.zeros((L, H, max(N - 1, 0)), np.float32)
     for lh in prange(L * H):
         l = lh // H
         h = lh - l * H
-        prev = np.empty(d, np.float64)
-        cur = np.empty(d, np.float64)
+        prev = np.empty(d, np.float32)
+        cur = np.empty(d, np.float32)
         if N == 0:
             continue
+        load_row(flat, geom, l, h, 0, prev)
         pn = 0.0
         for e in range(d):
-            x = np.float64(load(keys[l, h, 0, e]))
-            prev[e] = x
-            pn += x * x
+            pn += np.float64(prev[e]) * prev[e]
         for i in range(1, N):
+            load_row(flat, geom, l, h, i, cur)
             cn = 0.0
             dot = 0.0
             for e in range(d):
-                x = np.float64(load(keys[l, h, i, e]))
-                cur[e] = x
+                x = np.float64(cur[e])
                 cn += x * x
                 dot += x * prev[e]
             if pn > 0.0 and cn > 0.0:
@@ -45,6 +47,15 @@ def adjacent_cosine(keys):
             prev, cur = cur, prev
             pn = cn
     return out
+
+
+def adjacent_cosine(keys):
+    """``s[l, h, i] = cos(k_i, k_{i+1})`` as float32[L, H, N-1]; 0 where either key is the zero vector.
+
+    keys: float16/float32 (or f16 bits) [L, H, N, d], any strides.  Sums in float64 (vectorized, so
+    their order is not NumPy's: parity with the reference is to ~1e-7).
+    """
+    return adjacent_cosine_flat(*flat_view(keys, "keys"))
 
 
 @njit(cache=True, parallel=True)

@@ -10,6 +10,7 @@ from ..kernels.cluster import budget_runs, threshold_runs
 from ..kernels.merge import csr_offsets, gaussian_runs_fill
 from ..kernels.select import protected_mask
 from ..kernels.similarity import adjacent_cosine
+from ..kernels.strided import flat_view
 from ..plan import Plan
 from .base import EVIDENCE_KINDS, Method, _check_nonneg_int, protected_counts
 from .snapkv import SnapKV
@@ -129,7 +130,7 @@ class KVMerger(Method):
         wv = np.empty(nnz, np.float32)
         pos = np.empty((L, H, m), np.int32)
         sigma = 0.0 if self.sigma == "rms" else float(self.sigma)
-        gaussian_runs_fill(keys, ev, positions, start, end, sigma, self.sigma == "rms", self.value_scale == "size", offsets, src, wk, wv, pos)
+        gaussian_runs_fill(*flat_view(keys, "keys"), ev, positions, start, end, sigma, self.sigma == "rms", self.value_scale == "size", offsets, src, wk, wv, pos)
         return Plan(n_in=N, offsets=offsets, src=src, wk=wk, wv=wv, pos=pos)
 
 
