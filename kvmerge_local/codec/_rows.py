@@ -1,0 +1,530 @@
+"""Row / head-segment (de)quantization kernels for ggml KV-cache rows (see kvmerge_local.codec for semantics).
+
+All kernels work on (row index, segment index) pairs: output row ``i`` is elements
+``[heads[i]*seg, (heads[i]+1)*seg)`` of cache row ``rows[i]``. Whole rows are ``seg = n_elems, heads = 0``.
+"""
+from __future__ import annotations
+
+import logging
+import platform
+
+import numba as nb
+import numpy as np
+
+from ._bits import bf16_bits_to_f32, f16_bits_to_f32, f32_to_bf16_bits, f32_to_f16_bits
+
+log = logging.getLogger(__name__)
+
+# ggml_type ids (ggml/include/ggml.h, enum ggml_type)
+GGML_TYPE_F32 = 0
+GGML_TYPE_F16 = 1
+GGML_TYPE_Q4_0 = 2
+GGML_TYPE_Q8_0 = 8
+GGML_TYPE_BF16 = 30
+
+QK = 32  # elements per q4_0 / q8_0 block
+Q8_0_BLOCK_BYTES = 34
+Q4_0_BLOCK_BYTES = 18
+
+Q8_VARIANT_X86 = 0   # ggml-cpu/arch/x86/quants.c quantize_row_q8_0 (AVX/AVX2/AVX-512)
+Q8_VARIANT_REF = 1   # ggml-quants.c quantize_row_q8_0_ref (ggml_quantize_chunk, scalar builds)
+Q8_VARIANT_NEON = 2  # ggml-cpu/arch/arm/quants.c quantize_row_q8_0 (NEON)
+
+_MACHINE = platform.machine().lower()
+if _MACHINE in ("x86_64", "amd64", "i686", "i386"):
+    DEFAULT_Q8_VARIANT = Q8_VARIANT_X86
+elif _MACHINE in ("aarch64", "arm64"):
+    DEFAULT_Q8_VARIANT = Q8_VARIANT_NEON
+else:
+    DEFAULT_Q8_VARIANT = Q8_VARIANT_REF
+
+_TYPE_NAMES = {GGML_TYPE_F32: "f32", GGML_TYPE_F16: "f16", GGML_TYPE_Q4_0: "q4_0",
+               GGML_TYPE_Q8_0: "q8_0", GGML_TYPE_BF16: "bf16"}
+QUANTIZED_TYPES = (GGML_TYPE_Q4_0, GGML_TYPE_Q8_0)
+
+
+def type_name(type_id: int) -> str:
+    """ggml's name of a supported type id ('f16', 'q8_0', ...); ValueError if unsupported."""
+    try:
+        return _TYPE_NAMES[int(type_id)]
+    except KeyError:
+        raise ValueError(f"unsupported ggml type id {type_id}") from None
+
+
+def is_quantized(type_id: int) -> bool:
+    """True for the block-quantized types (q4_0, q8_0), like ggml_is_quantized."""
+    return int(type_id) in QUANTIZED_TYPES
+
+
+def row_bytes(type_id: int, n_elems: int) -> int:
+    """Bytes of one row of ``n_elems`` elements of ggml type ``type_id`` (like ggml_row_size)."""
+    t = int(type_id)
+    type_name(t)
+    if t == GGML_TYPE_F32:
+        return 4 * n_elems
+    if t in (GGML_TYPE_F16, GGML_TYPE_BF16):
+        return 2 * n_elems
+    if n_elems % QK:
+        raise ValueError(f"{type_name(t)} rows need a multiple of {QK} elements, got {n_elems}")
+    return (n_elems // QK) * (Q8_0_BLOCK_BYTES if t == GGML_TYPE_Q8_0 else Q4_0_BLOCK_BYTES)
+
+
+def n_elems_of_row(type_id: int, n_row_bytes: int) -> int:
+    """Elements in a row of ``n_row_bytes`` bytes of ggml type ``type_id`` (inverse of :func:`row_bytes`)."""
+    t = int(type_id)
+    per = {GGML_TYPE_F32: (4, 1), GGML_TYPE_F16: (2, 1), GGML_TYPE_BF16: (2, 1),
+           GGML_TYPE_Q8_0: (Q8_0_BLOCK_BYTES, QK), GGML_TYPE_Q4_0: (Q4_0_BLOCK_BYTES, QK)}
+    if t not in per:
+        raise ValueError(f"unsupported ggml type id {type_id}")
+    nbytes, nel = per[t]
+    if n_row_bytes % nbytes:
+        raise ValueError(f"{n_row_bytes} bytes is not a whole number of {type_name(t)} blocks")
+    return n_row_bytes // nbytes * nel
+
+
+# --------------------------------------------------------------------------------------------------------------
+# integer conversion emulation
+# --------------------------------------------------------------------------------------------------------------
+
+_TWO31 = np.float32(2147483648.0)
+_INF = np.float32(np.inf)
+_RNE_MAGIC = np.float32(12582912.0)  # 1.5 * 2**23
+
+
+@nb.njit(cache=True, inline="always")
+def _q8_code(v, variant):
+    """int code (-128..127, as stored byte value 0..255) of the already-scaled float32 ``v``."""
+    if variant == 0:  # x86: _mm256_round_ps(RNE) -> cvtps_epi32 (NaN/overflow: INT_MIN) -> packs (saturate)
+        r = np.rint(v)
+        if not (abs(r) < _TWO31):
+            q = -128
+        else:
+            q = int(r)
+            if q > 127:
+                q = 127
+            elif q < -128:
+                q = -128
+    elif variant == 2:  # NEON: vcvtnq_s32_f32 (RNE, saturating, NaN->0), low byte stored
+        r = np.rint(v)
+        if r != r:
+            q = 0
+        elif r >= _TWO31:
+            q = 2147483647
+        elif r < -_TWO31:
+            q = -2147483648
+        else:
+            q = int(r)
+    else:  # ref: roundf (half away from zero) -> (int8_t) via cvttss2si (NaN/overflow: INT_MIN), low byte
+        t = np.trunc(v)
+        if abs(v - t) >= np.float32(0.5):
+            t = t + (np.float32(1.0) if v > 0 else np.float32(-1.0))
+        if not (abs(t) < _TWO31):
+            q = -2147483648
+        else:
+            q = int(t)
+    return q & 0xFF
+
+
+@nb.njit(cache=True, inline="always")
+def _q4_code(t):
+    """(uint8) MIN(15, (int8_t) t) as in quantize_row_q4_0_ref; ``t`` = x*id + 8.5f (float32)."""
+    if not (abs(t) < _TWO31):
+        q = 0  # INT_MIN truncated to int8
+    else:
+        q = int(np.trunc(t)) & 0xFF
+        if q >= 128:
+            q -= 256
+    if q > 15:
+        q = 15
+    return q & 0xFF
+
+
+# --------------------------------------------------------------------------------------------------------------
+# dequantize kernels: src rows -> out float32[m, seg]
+# Indexing goes through slices so that numba drops negative-index wraparound, and the 32-element block loops
+# run to a runtime ``qk`` (== 32): with a literal trip count LLVM fully unrolls them into scalar code instead of
+# vectorizing (2x slower).
+# --------------------------------------------------------------------------------------------------------------
+
+@nb.njit(cache=True, parallel=True)
+def _deq_f32(src, rows, heads, seg, out):
+    for i in nb.prange(rows.shape[0]):
+        e0 = heads[i] * seg
+        s = src[rows[i], e0:e0 + seg]
+        o = out[i]
+        for j in range(seg):
+            o[j] = s[j]
+
+
+@nb.njit(cache=True, parallel=True)
+def _deq_f16(src, rows, heads, seg, out):
+    for i in nb.prange(rows.shape[0]):
+        e0 = heads[i] * seg
+        s = src[rows[i], e0:e0 + seg]
+        o = out[i]
+        for j in range(seg):
+            o[j] = f16_bits_to_f32(s[j])
+
+
+@nb.njit(cache=True, parallel=True)
+def _deq_bf16(src, rows, heads, seg, out):
+    for i in nb.prange(rows.shape[0]):
+        e0 = heads[i] * seg
+        s = src[rows[i], e0:e0 + seg]
+        o = out[i]
+        for j in range(seg):
+            o[j] = bf16_bits_to_f32(s[j])
+
+
+@nb.njit(cache=True, inline="always")
+def _scale(blk):
+    return f16_bits_to_f32(np.uint16(np.int64(blk[0]) | (np.int64(blk[1]) << 8)))
+
+
+@nb.njit(cache=True, parallel=True)
+def _deq_q8_0(raw, rawi8, rows, heads, seg, qk, out):
+    nblk = seg // 32
+    for i in nb.prange(rows.shape[0]):
+        r = rows[i]
+        b0 = heads[i] * nblk
+        s = raw[r, b0 * 34:(b0 + nblk) * 34]
+        si = rawi8[r, b0 * 34:(b0 + nblk) * 34]
+        o = out[i]
+        for b in range(nblk):
+            d = _scale(s[b * 34:b * 34 + 2])
+            qs = si[b * 34 + 2:b * 34 + 34]
+            ob = o[b * 32:b * 32 + 32]
+            for j in range(qk):
+                ob[j] = np.float32(qs[j]) * d
+
+
+@nb.njit(cache=True, parallel=True)
+def _deq_q4_0(raw, rows, heads, seg, qk, out):
+    nblk = seg // 32
+    for i in nb.prange(rows.shape[0]):
+        b0 = heads[i] * nblk
+        s = raw[rows[i], b0 * 18:(b0 + nblk) * 18]
+        o = out[i]
+        for b in range(nblk):
+            d = _scale(s[b * 18:b * 18 + 2])
+            qs = s[b * 18 + 2:b * 18 + 18]
+            lo = o[b * 32:b * 32 + 16]
+            hi = o[b * 32 + 16:b * 32 + 32]
+            for j in range(qk // 2):
+                byte = np.int32(qs[j])
+                lo[j] = np.float32((byte & 15) - 8) * d
+                hi[j] = np.float32((byte >> 4) - 8) * d
+
+
+# --------------------------------------------------------------------------------------------------------------
+# quantize kernels: x float32[m, seg] -> dst rows
+# --------------------------------------------------------------------------------------------------------------
+
+@nb.njit(cache=True, parallel=True)
+def _q_f32(x, rows, heads, seg, dst):
+    for i in nb.prange(rows.shape[0]):
+        e0 = heads[i] * seg
+        dr = dst[rows[i], e0:e0 + seg]
+        xr = x[i]
+        for j in range(seg):
+            dr[j] = xr[j]
+
+
+@nb.njit(cache=True, parallel=True)
+def _q_f16(x, rows, heads, seg, dst):
+    for i in nb.prange(rows.shape[0]):
+        e0 = heads[i] * seg
+        dr = dst[rows[i], e0:e0 + seg]
+        xr = x[i]
+        for j in range(seg):
+            dr[j] = f32_to_f16_bits(xr[j])
+
+
+@nb.njit(cache=True, parallel=True)
+def _q_bf16(x, rows, heads, seg, dst):
+    for i in nb.prange(rows.shape[0]):
+        e0 = heads[i] * seg
+        dr = dst[rows[i], e0:e0 + seg]
+        xr = x[i]
+        for j in range(seg):
+            dr[j] = f32_to_bf16_bits(xr[j])
+
+
+@nb.njit(cache=True, inline="always")
+def _put_scale(blk, d):
+    hb = np.int64(f32_to_f16_bits(d))
+    blk[0] = np.uint8(hb & 0xFF)
+    blk[1] = np.uint8(hb >> 8)
+
+
+@nb.njit(cache=True, parallel=True)
+def _q_q8_0(x, rows, heads, seg, qk, variant, dst):
+    nblk = seg // 32
+    zero = np.float32(0.0)
+    for i in nb.prange(rows.shape[0]):
+        b0 = heads[i] * nblk
+        dr = dst[rows[i], b0 * 34:(b0 + nblk) * 34]
+        xr = x[i]
+        for b in range(nblk):
+            xb = xr[b * 32:b * 32 + 32]
+            blk = dr[b * 34:b * 34 + 34]
+            qs = blk[2:34]
+            amax = zero
+            for j in range(qk):
+                a = abs(xb[j])
+                if a > amax:
+                    amax = a
+            d = amax / np.float32(127.0)
+            if variant == 0:
+                idv = np.float32(127.0) / amax if amax != zero else zero
+            else:
+                idv = np.float32(1.0) / d if d != zero else zero
+            _put_scale(blk, d)
+            if amax < _INF and idv < _INF:  # fast path: |x*id| <= ~127, no NaN/overflow to emulate
+                if variant == 1:
+                    for j in range(qk):
+                        v = xb[j] * idv
+                        t = np.trunc(v)
+                        fr = v - t
+                        t = t + np.float32(1.0) if fr >= np.float32(0.5) else (
+                            t - np.float32(1.0) if fr <= np.float32(-0.5) else t)
+                        qs[j] = np.uint8(np.int32(t) & 0xFF)
+                else:  # round-half-even of |v| < 2^22 by the 1.5*2^23 trick (exact; np.rint is a libm call)
+                    for j in range(qk):
+                        qs[j] = np.uint8(np.int32((xb[j] * idv + _RNE_MAGIC) - _RNE_MAGIC) & 0xFF)
+            else:
+                for j in range(qk):
+                    qs[j] = np.uint8(_q8_code(xb[j] * idv, variant))
+
+
+@nb.njit(cache=True, parallel=True)
+def _q_q4_0(x, rows, heads, seg, qk, dst):
+    nblk = seg // 32
+    zero = np.float32(0.0)
+    for i in nb.prange(rows.shape[0]):
+        b0 = heads[i] * nblk
+        dr = dst[rows[i], b0 * 18:(b0 + nblk) * 18]
+        xr = x[i]
+        for b in range(nblk):
+            xlo = xr[b * 32:b * 32 + 16]
+            xhi = xr[b * 32 + 16:b * 32 + 32]
+            blk = dr[b * 18:b * 18 + 18]
+            qs = blk[2:18]
+            amax = zero
+            mx = zero
+            for j in range(qk):
+                v = xr[b * 32 + j]
+                if amax < abs(v):
+                    amax = abs(v)
+                    mx = v
+            d = mx / np.float32(-8.0)
+            idv = np.float32(1.0) / d if d != zero else zero
+            _put_scale(blk, d)
+            if abs(mx) < _INF and idv != zero and abs(idv) < _INF:  # fast path: x*id+8.5 in [0.5, 16.5]
+                for j in range(qk // 2):
+                    lo = min(np.int32(xlo[j] * idv + np.float32(8.5)), 15)
+                    hi = min(np.int32(xhi[j] * idv + np.float32(8.5)), 15)
+                    qs[j] = np.uint8((lo | (hi << 4)) & 0xFF)
+            else:
+                for j in range(qk // 2):
+                    lo = _q4_code(xlo[j] * idv + np.float32(8.5))
+                    hi = _q4_code(xhi[j] * idv + np.float32(8.5))
+                    qs[j] = np.uint8((lo | (hi << 4)) & 0xFF)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# dispatch
+# --------------------------------------------------------------------------------------------------------------
+
+def _check_raw(raw: np.ndarray) -> None:
+    if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8 or raw.ndim != 2:
+        raise TypeError(f"raw must be a uint8[n_rows, row_bytes] array, got {getattr(raw, 'dtype', type(raw))} "
+                        f"{getattr(raw, 'shape', '')}")
+    if raw.shape[1] > 1 and raw.strides[1] != 1:
+        raise ValueError("raw rows must be contiguous (strides[1] == 1)")
+
+
+def _typed_view(raw: np.ndarray, type_id: int) -> np.ndarray:
+    if type_id == GGML_TYPE_F32:
+        return raw.view(np.float32)
+    if type_id in (GGML_TYPE_F16, GGML_TYPE_BF16):
+        return raw.view(np.uint16)
+    return raw
+
+
+def _index(idx, n: int, name: str, m_expected: int | None = None) -> np.ndarray:
+    a = np.ascontiguousarray(idx, dtype=np.int64)
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be 1-D")
+    if m_expected is not None and a.shape[0] != m_expected:
+        raise ValueError(f"{name} has {a.shape[0]} entries, expected {m_expected}")
+    if a.size and (a.min() < 0 or a.max() >= n):
+        raise IndexError(f"{name} out of range [0, {n})")
+    return a
+
+
+def _seg_args(raw, type_id, n_elems_per_row, rows, heads, seg):
+    """Validate and return (type_id, rows, heads) for segment kernels over ``raw``."""
+    t = int(type_id)
+    type_name(t)
+    if row_bytes(t, n_elems_per_row) != raw.shape[1]:
+        raise ValueError(f"row of {raw.shape[1]} bytes does not hold {n_elems_per_row} {type_name(t)} elements")
+    if t in QUANTIZED_TYPES and seg % QK:
+        raise ValueError(f"segment of {seg} elements is not a whole number of {QK}-element blocks")
+    n_seg = n_elems_per_row // seg
+    rows = _index(rows, raw.shape[0], "rows")
+    heads = (np.zeros(rows.shape[0], np.int64) if heads is None
+             else _index(heads, n_seg, "heads", rows.shape[0]))
+    return t, rows, heads
+
+
+def _dequantize(raw, t, rows, heads, seg, out):
+    src = _typed_view(raw, t)
+    if t == GGML_TYPE_F32:
+        _deq_f32(src, rows, heads, seg, out)
+    elif t == GGML_TYPE_F16:
+        _deq_f16(src, rows, heads, seg, out)
+    elif t == GGML_TYPE_BF16:
+        _deq_bf16(src, rows, heads, seg, out)
+    elif t == GGML_TYPE_Q8_0:
+        _deq_q8_0(raw, raw.view(np.int8), rows, heads, seg, QK, out)
+    else:
+        _deq_q4_0(raw, rows, heads, seg, QK, out)
+    return out
+
+
+def _quantize(x, t, rows, heads, seg, out, q8_variant):
+    dst = _typed_view(out, t)
+    if t == GGML_TYPE_F32:
+        _q_f32(x, rows, heads, seg, dst)
+    elif t == GGML_TYPE_F16:
+        _q_f16(x, rows, heads, seg, dst)
+    elif t == GGML_TYPE_BF16:
+        _q_bf16(x, rows, heads, seg, dst)
+    elif t == GGML_TYPE_Q8_0:
+        if q8_variant not in (Q8_VARIANT_X86, Q8_VARIANT_REF, Q8_VARIANT_NEON):
+            raise ValueError(f"unknown q8_variant {q8_variant}")
+        _q_q8_0(x, rows, heads, seg, QK, int(q8_variant), dst)
+    else:
+        _q_q4_0(x, rows, heads, seg, QK, dst)
+    return out
+
+
+def _out_f32(out, shape):
+    if out is None:
+        return np.empty(shape, np.float32)
+    if out.dtype != np.float32 or out.shape != shape:
+        raise ValueError(f"out must be float32{list(shape)}, got {out.dtype}{list(out.shape)}")
+    return out
+
+
+def _in_f32(x, n_cols: int, n_rows: int | None, name: str = "x") -> np.ndarray:
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 2 or x.shape[1] != n_cols:
+        raise ValueError(f"{name} must be float32[m, {n_cols}], got {getattr(x, 'dtype', type(x))}"
+                         f"{list(getattr(x, 'shape', []))}")
+    if n_rows is not None and x.shape[0] != n_rows:
+        raise ValueError(f"{name} has {x.shape[0]} rows, expected {n_rows}")
+    return x
+
+
+# --------------------------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------------------------
+
+def dequantize_rows(raw: np.ndarray, type_id: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Decode whole cache rows.
+
+    raw: uint8[n_rows, row_bytes] (rows contiguous; read-only/unaligned views of a state blob are fine);
+    type_id: ggml type id; out: float32[n_rows, n_elems] or None (allocated). Returns out.
+    """
+    _check_raw(raw)
+    t = int(type_id)
+    n_elems = n_elems_of_row(t, raw.shape[1])
+    rows = np.arange(raw.shape[0], dtype=np.int64)
+    out = _out_f32(out, (raw.shape[0], n_elems))
+    return _dequantize(raw, t, rows, np.zeros_like(rows), n_elems, out)
+
+
+def quantize_rows(x: np.ndarray, type_id: int, out: np.ndarray | None = None,
+                  q8_variant: int = DEFAULT_Q8_VARIANT) -> np.ndarray:
+    """Encode whole rows exactly as ggml's CPU ``from_float`` (the KV-cache store) does.
+
+    x: float32[n_rows, n_elems]; type_id: ggml type id; out: uint8[n_rows, row_bytes] or None (allocated);
+    q8_variant: which q8_0 rounding (``Q8_VARIANT_*``, default: this machine's CPU backend). Returns out.
+    """
+    if not isinstance(x, np.ndarray) or x.ndim != 2:
+        raise ValueError("x must be float32[n_rows, n_elems]")
+    n_rows, n_elems = _in_f32(x, x.shape[1], None).shape
+    t = int(type_id)
+    nbytes = row_bytes(t, n_elems)
+    if out is None:
+        out = np.empty((n_rows, nbytes), np.uint8)
+    _check_raw(out)
+    if out.shape != (n_rows, nbytes):
+        raise ValueError(f"out must be uint8[{n_rows}, {nbytes}], got {list(out.shape)}")
+    rows = np.arange(n_rows, dtype=np.int64)
+    return _quantize(x, t, rows, np.zeros_like(rows), n_elems, out, q8_variant)
+
+
+def dequantize_rows_at(raw: np.ndarray, type_id: int, rows, out: np.ndarray | None = None) -> np.ndarray:
+    """Gather-decode: ``out[i] = decode(raw[rows[i]])``; only those rows are touched.
+
+    raw: uint8[n_rows, row_bytes]; rows: int[m] (any order, repeats allowed); out: float32[m, n_elems] or None.
+    """
+    _check_raw(raw)
+    t = int(type_id)
+    n_elems = n_elems_of_row(t, raw.shape[1])
+    t, rows, heads = _seg_args(raw, t, n_elems, rows, None, n_elems)
+    out = _out_f32(out, (rows.shape[0], n_elems))
+    return _dequantize(raw, t, rows, heads, n_elems, out)
+
+
+def quantize_rows_at(x: np.ndarray, type_id: int, rows, out: np.ndarray,
+                     q8_variant: int = DEFAULT_Q8_VARIANT) -> np.ndarray:
+    """Scatter-encode: ``out[rows[i]] = encode(x[i])``; other rows of out are left as they are.
+
+    x: float32[m, n_elems]; rows: int[m], unique (with repeats, which write wins is unspecified);
+    out: uint8[n_rows, row_bytes] (e.g. a writable view into a state blob). Returns out.
+    """
+    _check_raw(out)
+    t = int(type_id)
+    n_elems = n_elems_of_row(t, out.shape[1])
+    t, rows, heads = _seg_args(out, t, n_elems, rows, None, n_elems)
+    _in_f32(x, n_elems, rows.shape[0])
+    return _quantize(x, t, rows, heads, n_elems, out, q8_variant)
+
+
+def dequantize_heads_at(raw: np.ndarray, type_id: int, head_dim: int, rows, heads,
+                        out: np.ndarray | None = None) -> np.ndarray:
+    """Gather-decode per-head sub-rows: ``out[i] = decode(raw[rows[i]])[heads[i]*head_dim:(heads[i]+1)*head_dim]``.
+
+    raw: uint8[n_rows, row_bytes] with rows ``[head0|head1|...]``; head_dim: elements per head (a multiple of 32
+    for q4_0/q8_0); rows, heads: int[m]; out: float32[m, head_dim] or None. Only the selected blocks are read.
+    For per-head cell lists ``idx[n_head, m]``: ``rows=idx.ravel(), heads=np.repeat(np.arange(n_head), m)``,
+    then ``out.reshape(n_head, m, head_dim)``.
+    """
+    _check_raw(raw)
+    t = int(type_id)
+    n_elems = n_elems_of_row(t, raw.shape[1])
+    if head_dim <= 0 or n_elems % head_dim:
+        raise ValueError(f"row of {n_elems} elements is not a whole number of heads of {head_dim}")
+    t, rows, heads = _seg_args(raw, t, n_elems, rows, heads, head_dim)
+    out = _out_f32(out, (rows.shape[0], head_dim))
+    return _dequantize(raw, t, rows, heads, head_dim, out)
+
+
+def quantize_heads_at(x: np.ndarray, type_id: int, head_dim: int, rows, heads, out: np.ndarray,
+                      q8_variant: int = DEFAULT_Q8_VARIANT) -> np.ndarray:
+    """Scatter-encode per-head sub-rows: ``out[rows[i]]`` head ``heads[i]`` = encode(x[i]).
+
+    x: float32[m, head_dim]; rows, heads: int[m] ((row, head) pairs unique); out: uint8[n_rows, row_bytes].
+    Blocks never straddle heads (head_dim % 32 == 0), so the result is bit-identical to encoding whole rows.
+    """
+    _check_raw(out)
+    t = int(type_id)
+    n_elems = n_elems_of_row(t, out.shape[1])
+    if head_dim <= 0 or n_elems % head_dim:
+        raise ValueError(f"row of {n_elems} elements is not a whole number of heads of {head_dim}")
+    t, rows, heads = _seg_args(out, t, n_elems, rows, heads, head_dim)
+    _in_f32(x, head_dim, rows.shape[0])
+    return _quantize(x, t, rows, heads, head_dim, out, q8_variant)
