@@ -102,7 +102,8 @@ def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray, n_gro
     """Masked attention. ``q`` float32 ``[n_head, T, hd]``, ``k``/``v`` float32
     ``[n_kv_head, n_k, hd]``, ``mask`` bool ``[T, n_k]`` (True = visible) shared by all heads, or
     ``[n_kv_head, T, n_k]`` per KV head. ``ggml_rounding`` rounds ``q`` to f16 (as ``mul_mat(k_f16, q)`` and
-    flash attention do) and the softmax to f16 before ``P·V`` (the non-flash path's ``mul_mat(v_f16, kq)``). Returns float32 ``[T, n_head * hd]``."""
+    flash attention do) and the softmax to f16 before ``P·V`` (the non-flash path's ``mul_mat(v_f16, kq)``).
+    Returns float32 ``[T, n_head * hd]``."""
     n_head, T, hd = q.shape
     if ggml_rounding:
         q = _f16(q)
@@ -214,8 +215,9 @@ def decode_many_with_cache(w: TinyWeights, k_cache: np.ndarray, v_cache: np.ndar
     state) in the same cell. ``cache_pos`` int ``[n_cells]`` or ``[n_layer, n_kv_head, n_cells]`` are the cells'
     positions, used only by the causal mask: cache cell ``j`` is visible to new token ``i`` when
     ``cache_pos[j] <= positions[i]`` (llama.cpp's mask hides a key only when its position is greater; a normal
-    decode is at ``max(cache_pos) + 1``, where every cell is visible). New tokens see each other causally, and themselves. Returns :class:`RefOut` whose
-    ``logits`` are ``[T, n_vocab]`` and whose ``k``/``v``/``q`` are the NEW tokens' entries only.
+    decode is at ``max(cache_pos) + 1``, where every cell is visible). New tokens see each other causally, and
+    themselves. Returns :class:`RefOut` whose ``logits`` are ``[T, n_vocab]`` and whose ``k``/``v``/``q`` are the
+    NEW tokens' entries only.
     ``ggml_rounding`` and ``flash_attn`` as in :func:`prefill`.
     """
     c = w.config

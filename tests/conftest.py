@@ -1,0 +1,7 @@
+"""Shared pytest setup. Keep minimal; fixtures live in kvmerge_local.testing.fixtures."""
+import os
+
+# Before llama_cpp (and its OpenMP runtime) can load: spin-waiting threads make decodes erratic on small VMs.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+pytest_plugins = ["kvmerge_local.testing.fixtures"]
