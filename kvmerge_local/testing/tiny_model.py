@@ -244,8 +244,8 @@ def make_tiny_llama(path: str | Path, *, n_layer: int = 2, n_head: int = 4, n_kv
     always f32. ``vocab="llama2"`` copies the full 32000-token Llama-2 tokenizer; ``"llama2-small"`` keeps its
     first ``n_vocab`` (default 4096) tokens, which still tokenizes any text via byte fallback, for ~4x smaller
     files. ``d_model`` defaults to ``n_head * head_dim`` and ``n_ff`` to :func:`default_n_ff`. Size with the
-    defaults: about 39 MB (full vocab) or 10 MB (``llama2-small``); ``weight_type="f16"`` saves 3 MB. ``chat_template`` (Jinja text) is written
-    to ``tokenizer.chat_template`` when given.
+    defaults: about 39 MB (full vocab) or 10 MB (``llama2-small``); ``weight_type="f16"`` saves 3 MB.
+    ``chat_template`` (Jinja text) is written to ``tokenizer.chat_template`` when given.
     """
     if n_head % n_kv_head:
         raise ValueError(f"n_head ({n_head}) must be a multiple of n_kv_head ({n_kv_head})")
