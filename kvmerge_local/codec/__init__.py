@@ -19,8 +19,10 @@ calls ``ggml_get_type_traits_cpu(dst->type)->from_float`` on every f32 row:
     ``_mm256_round_ps`` round-half-even, NaN/overflow -> ``-128`` (cvtps "integer indefinite", saturated).
   - ``Q8_VARIANT_NEON`` (ARM NEON): ``d = amax/127``, ``id = 1.f/d``, ``vcvtnq`` round-half-even.
   - ``Q8_VARIANT_REF`` (``quantize_row_q8_0_ref`` in ggml-quants.c, used by ``ggml_quantize_chunk`` and
-    scalar builds): ``d = amax/127``, ``id = 1.f/d``, ``roundf`` (half away from zero); a block whose
-    ``amax/127`` underflows to 0 quantizes to all zeros (x86 variant: to ``+-127``/``-128`` codes).
+    scalar builds): ``d = amax/127``, ``id = 1.f/d``, ``roundf`` (half away from zero).
+  - They differ on exact rounding midpoints (x86/NEON: half-even, ref: half away), on the last bit of
+    ``id`` (x86 ``127/amax`` vs ``1/(amax/127)``), and on tiny blocks whose inverse scale overflows
+    (amax < ~3.7e-37: x86 stores every code as -128, ref as 0; d is 0 in f16 either way).
 
   ``DEFAULT_Q8_VARIANT`` is chosen from ``platform.machine()`` (x86 -> X86, arm64 -> NEON, else REF).
   NaN inputs to q8_0/q4_0 are not supported (C max/compare semantics with NaN are not emulated).
@@ -42,18 +44,35 @@ power of two >= 64 dividing head_dim; V: nrot = 64. On the CPU backend the mul_m
 first, then radix-2 butterflies ``(u+v, u-v)`` for len = 1, 2, 4, ... (the SIMD ``FMA(u, v, -1)`` is exactly
 ``u - v``). :func:`rotate` reproduces that bit for bit. H is symmetric and H @ H = I, so :func:`unrotate` is
 the same transform (llama.cpp's K-shift graph also un-rotates with the same op).
+
+API (all arrays NumPy; ``type_id`` is a ggml type id; ``out=None`` allocates)
+------------------------------------------------------------------------------
+* ``dequantize_rows(raw: uint8[n, row_bytes], type_id, out: float32[n, n_elems] | None) -> out``
+* ``quantize_rows(x: float32[n, n_elems], type_id, out: uint8[n, row_bytes] | None, q8_variant) -> out``
+* ``dequantize_rows_at(raw, type_id, rows: int[m], out: float32[m, n_elems] | None) -> out`` (gather)
+* ``quantize_rows_at(x: float32[m, n_elems], type_id, rows: int[m], out: uint8[n, row_bytes], q8_variant)``
+  (scatter into ``out[rows]``)
+* ``dequantize_heads_at(raw, type_id, head_dim, rows: int[m], heads: int[m], out: float32[m, head_dim] | None)``
+* ``quantize_heads_at(x: float32[m, head_dim], type_id, head_dim, rows, heads, out: uint8[n, row_bytes],
+  q8_variant)``
+* ``hadamard_matrix(n) -> float32[n, n]``, ``rot_size(head_dim, kind)``, ``cache_rot_size(type_id, head_dim,
+  kind, environ)``, ``rotate(x: float32[..., k*nrot], nrot, out)``, ``unrotate(...)``
+* scalar njit helpers ``f16_bits_to_f32``, ``f32_to_f16_bits``, ``bf16_bits_to_f32``, ``f32_to_bf16_bits`` and
+  array versions ``f16_bits_to_f32_array``, ``f32_to_f16_bits_array``.
+
+Quantized V caches are never transposed (llama.cpp needs flash attention for them); a transposed f16 V matrix
+``[n_embd_v_gqa, cell_count]`` decodes with the same f16 functions (one "row" per embedding channel).
 """
 from __future__ import annotations
 
 import logging
 
-from ._bits import (bf16_bits_to_f32, f16_bits_to_f32, f16_bits_to_f32_array, f32_to_bf16_bits,
-                    f32_to_f16_bits, f32_to_f16_bits_array)
-from ._rows import (DEFAULT_Q8_VARIANT, GGML_TYPE_BF16, GGML_TYPE_F16, GGML_TYPE_F32, GGML_TYPE_Q4_0,
-                    GGML_TYPE_Q8_0, Q4_0_BLOCK_BYTES, Q8_0_BLOCK_BYTES, Q8_VARIANT_NEON, Q8_VARIANT_REF,
-                    Q8_VARIANT_X86, QK, QUANTIZED_TYPES, dequantize_heads_at, dequantize_rows, dequantize_rows_at,
-                    is_quantized, n_elems_of_row, quantize_heads_at, quantize_rows, quantize_rows_at, row_bytes,
-                    type_name)
+from ._kernels import (bf16_bits_to_f32, f16_bits_to_f32, f16_bits_to_f32_array, f32_to_bf16_bits,
+                       f32_to_f16_bits, f32_to_f16_bits_array)
+from .rows import (DEFAULT_Q8_VARIANT, GGML_TYPE_BF16, GGML_TYPE_F16, GGML_TYPE_F32, GGML_TYPE_Q4_0, GGML_TYPE_Q8_0,
+                   Q4_0_BLOCK_BYTES, Q8_0_BLOCK_BYTES, Q8_VARIANT_NEON, Q8_VARIANT_REF, Q8_VARIANT_X86, QK,
+                   QUANTIZED_TYPES, dequantize_heads_at, dequantize_rows, dequantize_rows_at, is_quantized,
+                   n_elems_of_row, quantize_heads_at, quantize_rows, quantize_rows_at, row_bytes, type_name)
 from .hadamard import (cache_rot_size, hadamard_matrix, rot_size, rotate, rotation_disabled_by_env, unrotate)
 
 log = logging.getLogger(__name__)
