@@ -5,6 +5,9 @@ import numpy as np
 
 from kvmerge_local.plan import Plan
 
+#: The tiny GQA model the bridge tests share (built once per session by ``tiny_model_factory``).
+GQA_MODEL = dict(n_layer=2, n_head=4, n_kv_head=2, head_dim=64, vocab="llama2-small", n_vocab=4096, seed=1)
+
 
 def prompt_tokens(n: int, seed: int = 0, n_vocab: int = 4096) -> np.ndarray:
     """int32[n] random token ids (no special tokens)."""

@@ -8,7 +8,8 @@ import pytest
 
 from kvmerge_local.bridge import LlamaContext, LlamaModel, _lib
 from kvmerge_local.errors import ModelError, PatchMissingError
-from kvmerge_local.testing.tiny_model import make_bad_gguf, make_tiny_llama
+from _bridge_util import GQA_MODEL
+from kvmerge_local.testing.tiny_model import make_bad_gguf
 
 pytestmark = pytest.mark.llama
 
@@ -41,8 +42,8 @@ def test_unsupported_architecture(tmp_path, kind):
         LlamaModel(p)
 
 
-def test_bad_context_options(tmp_path):
-    m = LlamaModel(make_tiny_llama(tmp_path / "t.gguf", n_layer=1, vocab="llama2-small", n_vocab=4096))
+def test_bad_context_options(tiny_model_factory):
+    m = LlamaModel(tiny_model_factory(**GQA_MODEL))
     with pytest.raises(ValueError, match="kv_type"):
         LlamaContext(m, kv_type="q3_k")
     with pytest.raises(ValueError, match="flash attention"):

@@ -4,31 +4,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from _bridge_util import prompt_tokens, random_plan
+from _bridge_util import GQA_MODEL, prompt_tokens, random_plan
 from kvmerge_local.bridge import KVBridge, LlamaContext, LlamaModel
 from kvmerge_local.testing import reference as ref
-from kvmerge_local.testing.tiny_model import load_weights, make_tiny_llama
 
 pytestmark = pytest.mark.llama
 TOL = 2e-3
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return make_tiny_llama(tmp_path_factory.mktemp("ev") / "gqa.gguf", n_layer=2, n_head=4, n_kv_head=2,
-                           head_dim=64, vocab="llama2-small", n_vocab=4096, seed=21)
-
-
-@pytest.fixture(scope="module")
-def model(model_path):
-    m = LlamaModel(model_path)
+def model(tiny_model_factory):
+    m = LlamaModel(tiny_model_factory(**GQA_MODEL))
     yield m
     m.close()
 
 
 @pytest.fixture(scope="module")
-def weights(model_path):
-    return load_weights(model_path)
+def weights(tiny_weights_factory):
+    return tiny_weights_factory(**GQA_MODEL)
 
 
 def _ctx(model, fa, **kw):

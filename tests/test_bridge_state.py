@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from _bridge_util import prompt_tokens, random_plan, rel_err
+from _bridge_util import GQA_MODEL, prompt_tokens, random_plan, rel_err
 from kvmerge_local.bridge import KVBridge, LlamaContext, LlamaModel, apply_plan_to_state, new_state, parse_state
 from kvmerge_local.errors import KVMergeError, UnsupportedCacheError
 from kvmerge_local.testing import reference as ref
-from kvmerge_local.testing.tiny_model import load_weights, make_tiny_llama
+from kvmerge_local.testing.tiny_model import load_weights
 
 pytestmark = pytest.mark.llama
 
@@ -18,9 +18,8 @@ CACHE_CONFIGS = [("f16", "f16", False), ("f16", "f16", True), ("q8_0", "q8_0", T
 
 
 @pytest.fixture(scope="module")
-def gqa_path(tmp_path_factory):
-    return make_tiny_llama(tmp_path_factory.mktemp("m") / "gqa.gguf", n_layer=2, n_head=4, n_kv_head=2,
-                           head_dim=64, vocab="llama2-small", n_vocab=4096, seed=1)
+def gqa_path(tiny_model_factory):
+    return tiny_model_factory(**GQA_MODEL)
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from _bridge_util import prompt_tokens, rel_err
+from _bridge_util import GQA_MODEL, prompt_tokens, rel_err
 from kvmerge_local.bridge import KVBridge, LlamaContext, LlamaModel
 from kvmerge_local.methods import REGISTRY, resolve_budget
 from kvmerge_local.testing import reference as ref
-from kvmerge_local.testing.tiny_model import load_weights, make_tiny_llama
 
 pytestmark = pytest.mark.llama
 
@@ -17,11 +16,10 @@ EVIDENCE_WINDOW = {"none": None, "all": 0, "last": 1}
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = make_tiny_llama(tmp_path_factory.mktemp("e2e") / "m.gguf", n_layer=3, n_head=4, n_kv_head=2,
-                           head_dim=64, vocab="llama2-small", n_vocab=4096, seed=31)
-    model = LlamaModel(path)
-    yield model, load_weights(path)
+def tiny(tiny_model_factory, tiny_weights_factory):
+    spec = dict(GQA_MODEL, n_layer=3)  # three layers: KVMerger's skip_layers leaves one merged layer
+    model = LlamaModel(tiny_model_factory(**spec))
+    yield model, tiny_weights_factory(**spec)
     model.close()
 
 
