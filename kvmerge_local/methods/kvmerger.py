@@ -94,12 +94,12 @@ class KVMerger(Method):
         return s, r, max(0, min(k, m - s - r))
 
     def skipped(self, n_layer: int) -> np.ndarray:
-        """bool[n_layer]: layers that use SnapKV instead of merging (ValueError if out of range)."""
+        """bool[n_layer]: layers that use SnapKV instead of merging (entries beyond the model are ignored,
+        so one configuration serves models of any depth)."""
         out = np.zeros(n_layer, bool)
         for x in self.skip_layers:
-            if not -n_layer <= x < n_layer:
-                raise ValueError(f"skip layer {x} out of range for {n_layer} layers")
-            out[x] = True
+            if -n_layer <= x < n_layer:
+                out[x] = True
         return out
 
     def runs(self, keys, evidence, m: int) -> tuple[np.ndarray, np.ndarray]:
