@@ -18,7 +18,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..plan import Plan
-from .f16 import load, store
+from .f16 import load, store_row
 from .strided import flat_view, row_offset
 
 log = logging.getLogger(__name__)
@@ -78,27 +78,32 @@ def apply_plan_kernel(sflat, sg, dflat, dg, offsets, psrc, w):
         for j in range(m):
             if copy_from[j] >= 0:
                 continue
-            for e in range(d):
-                acc[e] = 0.0
+            first = True  # the first non-zero source initializes acc (no separate zeroing pass)
             for t in range(offsets[l, h, j], offsets[l, h, j + 1]):
                 wt = w[t]
-                if wt != 0.0:
-                    so = row_offset(sg, l, h, psrc[t])
-                    if sg[4] == 1:
-                        srow = sflat[so:so + d]
+                if wt == 0.0:
+                    continue
+                so = row_offset(sg, l, h, psrc[t])
+                if sg[4] == 1:
+                    srow = sflat[so:so + d]
+                    if first:
+                        for e in range(d):
+                            acc[e] = wt * load(srow[e])
+                    else:
                         for e in range(d):
                             acc[e] += wt * load(srow[e])
+                else:
+                    if first:
+                        for e in range(d):
+                            acc[e] = wt * load(sflat[so + e * sg[4]])
                     else:
                         for e in range(d):
                             acc[e] += wt * load(sflat[so + e * sg[4]])
-            do = row_offset(dg, l, h, j)
-            if dg[4] == 1:
-                drow = dflat[do:do + d]
+                first = False
+            if first:
                 for e in range(d):
-                    drow[e] = store(acc[e], dflat)
-            else:
-                for e in range(d):
-                    dflat[do + e * dg[4]] = store(acc[e], dflat)
+                    acc[e] = 0.0
+            store_row(acc, dflat, row_offset(dg, l, h, j), dg[4])
 
 
 def _check(src: np.ndarray, dst: np.ndarray, plan: Plan) -> None:

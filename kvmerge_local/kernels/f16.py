@@ -160,19 +160,23 @@ def f32_to_f16_bits_soft(v):
 
 @njit(cache=True)
 def f32_to_f16_bits_hw(v):
-    """float32 -> half bits: hardware rounding (identical to NumPy for non-NaN), NaN by NumPy's rule."""
+    """float32 -> half bits: hardware rounding (identical to NumPy for non-NaN), NaN by NumPy's rule
+    (payload truncated, kept a NaN); branch-free so loops vectorize."""
     x = np.float32(v)
-    if x != x:
-        return f32_to_f16_bits_soft(x)
-    return _f32_fptrunc(x)
+    f = _f32_as_u32(x)
+    hw = np.uint32(_f32_fptrunc(x))
+    sig = (f & np.uint32(0x007FFFFF)) >> np.uint32(13)
+    nan = ((f >> np.uint32(16)) & np.uint32(0x8000)) | np.uint32(0x7C00) | sig
+    nan += np.uint32(1) if sig == 0 else np.uint32(0)
+    return np.uint16(nan if (f & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else hw)
 
 
 f32_to_f16_bits = f32_to_f16_bits_hw if HAS_F16C else f32_to_f16_bits_soft
 
 
 def load(x):
-    """Element (f16 bits or f32) -> float32.  Numba-only (see the overload)."""
-    return np.float32(np.asarray(x, np.uint16).view(np.float16)) if isinstance(x, np.uint16) else np.float32(x)
+    """Element (f16 bits or f32) -> float32.  Numba-only (see the overload); in Python: same result."""
+    return np.uint16(x).view(np.float16).astype(np.float32) if isinstance(x, np.uint16) else np.float32(x)
 
 
 @overload(load)
@@ -194,14 +198,61 @@ def _store_ov(v, arr):
     if arr.dtype == types.uint16:
 
         def impl(v, arr):
-            b = f32_to_f16_bits(v)
-            if (b & np.uint16(0x7FFF)) == np.uint16(0x7C00):  # saturate: merged states stay finite
-                b = np.uint16((b & np.uint16(0x8000)) | np.uint16(F16_MAX_BITS))
-            return b
+            # saturate first (merged states stay finite; NaN passes): the same bits as rounding then
+            # replacing +-inf by +-65504, since everything in (65504, 65520) rounds to 65504 anyway
+            x = np.float32(v)
+            x = np.float32(65504.0) if x > np.float32(65504.0) else x
+            x = np.float32(-65504.0) if x < np.float32(-65504.0) else x
+            return f32_to_f16_bits(x)
 
         return impl
     if arr.dtype == types.float32:
         return lambda v, arr: np.float32(v)
+    return None
+
+
+def store_row(acc, flat, o, step):
+    """``flat[o + e*step] = store(acc[e], flat)`` for a whole row.  Numba-only (see the overload)."""
+    for e in range(acc.shape[0]):
+        flat[o + e * step] = acc[e]
+
+
+@overload(store_row)
+def _store_row_ov(acc, flat, o, step):
+    if flat.dtype == types.uint16:
+
+        def impl(acc, flat, o, step):
+            # fast path: clamp + hardware rounding (vectorizes); NaN rows redone with NumPy's NaN rule
+            d = acc.shape[0]
+            nan = False
+            hi = np.float32(65504.0)
+            if step == 1:
+                row = flat[o:o + d]
+                for e in range(d):
+                    x = acc[e]
+                    nan |= x != x
+                    x = hi if x > hi else x
+                    x = -hi if x < -hi else x
+                    row[e] = _f32_fptrunc(x) if HAS_F16C else f32_to_f16_bits(x)
+            else:
+                for e in range(d):
+                    x = acc[e]
+                    nan |= x != x
+                    x = hi if x > hi else x
+                    x = -hi if x < -hi else x
+                    flat[o + e * step] = _f32_fptrunc(x) if HAS_F16C else f32_to_f16_bits(x)
+            if nan:
+                for e in range(d):
+                    flat[o + e * step] = store(acc[e], flat)
+
+        return impl
+    if flat.dtype == types.float32:
+
+        def impl(acc, flat, o, step):
+            for e in range(acc.shape[0]):
+                flat[o + e * step] = acc[e]
+
+        return impl
     return None
 
 

@@ -30,7 +30,8 @@ def gaussian_runs_fill(kflat, kgeom, evidence, positions, start, end, sigma, use
     """Fill the CSR plan for runs ``start/end`` int32[L, H, m] (KVMerger, ALGORITHMS.md steps 4-7).
 
     Pivot ``p`` = the member with the largest ``evidence`` (ties: the newest).  Weights
-    ``g_i = exp(-||k_p - k_i||^2 / (2 sigma^2))``, ``w_i = g_i / sum_S g`` (float64, stored float32);
+    ``g_i = exp(-||k_p - k_i||^2 / (2 sigma^2))``, ``w_i = g_i / sum_S g`` (distances summed in float32,
+    vectorized; weights in float64, stored float32);
     ``use_rms``: ``sigma^2 = mean_S ||k_p - k_i||^2`` (all ``g = 1`` when that is 0).  ``wk = w``;
     ``wv = w * |S|`` when ``size_scale`` else ``w``.  The slot carries the pivot's position.
     keys as (kflat, kgeom) (see :mod:`.strided`); evidence float32[L, H, N]; positions int32[L, H, N].
@@ -61,9 +62,9 @@ def gaussian_runs_fill(kflat, kgeom, evidence, positions, start, end, sigma, use
             tot = 0.0
             for i in range(a, b):
                 load_row(kflat, kgeom, l, h, i, row)
-                s = 0.0
+                s = np.float32(0.0)
                 for e in range(d):
-                    x = np.float64(kp[e]) - np.float64(row[e])
+                    x = kp[e] - row[e]
                     s += x * x
                 dist[i - a] = s
                 tot += s

@@ -215,8 +215,9 @@ def apply_plan(src: np.ndarray, plan: Plan, which: str = "k") -> np.ndarray:
                     dst[l, h, j] = src[l, h, plan.src[nz[0]]]
                     continue
                 acc = np.zeros(d, np.float32)
-                for t in nz:
-                    acc = acc + w[t] * src[l, h, plan.src[t]].astype(np.float32)
+                for n, t in enumerate(nz):  # the first term initializes (keeps -0.0 as the kernel does)
+                    term = w[t] * src[l, h, plan.src[t]].astype(np.float32)
+                    acc = term if n == 0 else acc + term
                 if src.dtype == np.float16:
                     acc = np.clip(acc, -65504, 65504)
                 dst[l, h, j] = acc.astype(src.dtype)
