@@ -1,12 +1,29 @@
 """kvmerge-local: long-document chat on local quantized Llama models by merging the KV cache."""
 __version__ = "0.1.0"
 
+# Lazy re-exports (PEP 562): nothing heavy (NumPy kernels, llama.cpp) loads at package import.
+_LAZY = {
+    "Session": ("kvmerge_local.engine.session", "Session"),
+    "Stats": ("kvmerge_local.engine.stats", "Stats"),
+    "IngestProgress": ("kvmerge_local.engine.stats", "IngestProgress"),
+}
+
 
 def __getattr__(name):
-    # Lazy: ``kvmerge_local.compress`` without importing Numba kernels at package import.
     if name == "compress":
         from .compress import compress
 
         globals()["compress"] = compress
         return compress
+    if name in _LAZY:
+        import importlib
+
+        mod, attr = _LAZY[name]
+        obj = getattr(importlib.import_module(mod), attr)
+        globals()[name] = obj
+        return obj
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + ["compress", *_LAZY])

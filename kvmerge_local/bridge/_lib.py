@@ -359,6 +359,13 @@ def memory_seq_add(ctx: int, seq_id: int, p0: int, p1: int, delta: int) -> None:
     ll.llama_memory_seq_add(ll.llama_get_memory(ctypes.c_void_p(ctx)), seq_id, p0, p1, delta)
 
 
+def memory_seq_rm(ctx: int, seq_id: int, p0: int, p1: int) -> bool:
+    """Remove the cells of ``seq_id`` with positions in ``[p0, p1)`` (``p1 < 0``: to the end)."""
+    ll = llama()
+    # LLAMA_API bool llama_memory_seq_rm(llama_memory_t mem, llama_seq_id seq_id, llama_pos p0, llama_pos p1);
+    return bool(ll.llama_memory_seq_rm(ll.llama_get_memory(ctypes.c_void_p(ctx)), seq_id, p0, p1))
+
+
 def tokenize(model: int, text: str, add_special: bool, parse_special: bool = False) -> np.ndarray:
     """Token ids of ``text`` (``int32[n]``)."""
     ll = llama()

@@ -1,0 +1,297 @@
+"""The ``kvmerge-local`` command line: ask, chat, models, pull, methods, demo, ui, bench.
+
+    kvmerge-local ask --model M --doc report.pdf --question "..." [--method kvmerger] [--budget 0.5] [--json]
+    kvmerge-local chat --model M --doc report.pdf
+    kvmerge-local models | pull NAME | methods | demo | ui | bench ...
+
+Errors a user can act on (missing files, bad documents, bad options) print one ``error:`` line and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+from .errors import KVMergeError
+
+log = logging.getLogger(__name__)
+
+DEMO_QUESTION = "What is this document about, and what is on page 2?"
+
+
+def _budget(s: str):
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"budget must be a fraction in (0, 1] or a cell count, got {s!r}") from None
+    return int(v) if v.is_integer() and v > 1 else v
+
+
+def _session_args(p: argparse.ArgumentParser, doc_required: bool = True) -> None:
+    p.add_argument("--model", default=None, help="GGUF path or models.txt name (default: the embedded model)")
+    p.add_argument("--doc", required=doc_required, type=Path, help=".txt, .md or .pdf document")
+    p.add_argument("--method", default="kvmerger", help="compression method (see `kvmerge-local methods`)")
+    p.add_argument("--budget", type=_budget, default=0.5, help="fraction of tokens to keep, or a cell count")
+    p.add_argument("--n-ctx", type=int, default=2048)
+    p.add_argument("--kv-type", default="f16", choices=["f16", "f32", "bf16", "q8_0", "q4_0"])
+    p.add_argument("--position-policy", default="auto", choices=["auto", "keep", "reindex"])
+    p.add_argument("--n-gpu-layers", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-flash-attn", action="store_true", help="disable flash attention")
+    p.add_argument("--chat-format", default=None, choices=["llama2", "mistral", "raw"])
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _open(a):
+    from .engine import Session  # noqa: PLC0415
+
+    return Session.open(a.model, n_ctx=a.n_ctx, n_gpu_layers=a.n_gpu_layers, kv_type=a.kv_type,
+                        flash_attn=not a.no_flash_attn, n_threads=a.threads, method=a.method, budget=a.budget,
+                        position_policy=a.position_policy, seed=a.seed, chat_format=a.chat_format)
+
+
+def _progress(quiet: bool):
+    """A progress callback (tqdm on stderr) and a closer."""
+    if quiet:
+        return None, lambda: None
+    try:
+        from tqdm import tqdm  # noqa: PLC0415
+    except ImportError:
+        return None, lambda: None
+    bar = {"b": None}
+
+    def cb(p) -> None:
+        if bar["b"] is None:
+            bar["b"] = tqdm(total=p.total_tokens, unit="tok", desc="ingest", file=sys.stderr)
+        b = bar["b"]
+        b.update(p.done_tokens - b.n)
+        b.set_postfix(cells=p.cells, compactions=p.n_compactions)
+
+    return cb, lambda: bar["b"] is not None and bar["b"].close()
+
+
+def _ingest(s, doc: Path, quiet: bool):
+    cb, done = _progress(quiet)
+    try:
+        return s.ingest(doc, progress=cb)
+    finally:
+        done()
+
+
+def cmd_ask(a) -> int:
+    with _open(a) as s:
+        _ingest(s, a.doc, a.quiet or a.json)
+        pieces = []
+        for piece in s.ask(a.question, max_new_tokens=a.max_new_tokens, temperature=a.temperature):
+            pieces.append(piece)
+            if not a.json:
+                print(piece, end="", flush=True)
+        if a.json:
+            print(json.dumps({"answer": "".join(pieces), "question": a.question, "document": str(a.doc),
+                              "pages": s.pages, "stats": s.stats.as_dict()}))
+        else:
+            print()
+            print(s.stats.summary(), file=sys.stderr)
+    return 0
+
+
+def cmd_chat(a) -> int:
+    with _open(a) as s:
+        st = _ingest(s, a.doc, a.quiet)
+        print(st.summary())
+        print("Ask about the document. Commands: /reset (forget the chat), /stats, /quit.")
+        while True:
+            try:
+                q = input("> ").strip()
+            except EOFError:
+                print()
+                break
+            if not q:
+                continue
+            if q in ("/quit", "/exit"):
+                break
+            if q == "/reset":
+                s.reset_chat()
+                continue
+            if q == "/stats":
+                print(s.stats.summary())
+                continue
+            try:
+                for piece in s.ask(q, max_new_tokens=a.max_new_tokens, temperature=a.temperature):
+                    print(piece, end="", flush=True)
+            except (ValueError, KVMergeError) as exc:
+                print(f"error: {exc}", file=sys.stderr)
+            print()
+    return 0
+
+
+def cmd_models(a) -> int:
+    from .models import load_registry, models_dir, registry_path  # noqa: PLC0415
+
+    reg = load_registry(a.registry)
+    if a.json:
+        print(json.dumps([e.as_dict() for e in reg.values()], indent=1))
+        return 0
+    print(f"# {a.registry or registry_path()}  (downloads: {models_dir()})")
+    for e in reg.values():
+        flag = "downloaded" if e.local_path.is_file() else "-"
+        unv = f"  unverified: {', '.join(e.unverified_fields)}" if e.unverified_fields else ""
+        print(f"{e.name:28s} {e.value(e.chat_format):8s} ctx {e.value(e.n_ctx_train):6s} {flag:10s} "
+              f"{e.value(e.repo)}/{e.value(e.file)}{unv}")
+    return 0
+
+
+def cmd_pull(a) -> int:
+    from .models import pull  # noqa: PLC0415
+
+    path = pull(a.name, dest=a.dest, registry=a.registry, progress=not a.quiet)
+    print(path)
+    return 0
+
+
+def cmd_methods(a) -> int:
+    from .methods import describe_methods  # noqa: PLC0415
+
+    rows = describe_methods()
+    if a.json:
+        print(json.dumps(rows, indent=1, default=str))
+        return 0
+    for r in rows:
+        print(f"{r['name']:20s} {r['class']:13s} evidence={r['evidence_kind']:6s} {r['doc']}")
+        print(f"{'':20s} {json.dumps(r['params'], default=str)}")
+    return 0
+
+
+def _demo_model(tmp: Path) -> tuple[str | None, bool]:
+    """(model, is_random_tiny): the embedded default, else a tiny random model built into ``tmp``."""
+    from .errors import ModelError  # noqa: PLC0415
+    from .models import default_model  # noqa: PLC0415
+
+    try:
+        return str(default_model()), False
+    except ModelError as exc:
+        from .testing.tiny_model import make_tiny_llama  # noqa: PLC0415
+
+        print(f"note: {exc}", file=sys.stderr)
+        print("note: building a tiny RANDOM model instead: its answers are meaningless noise; the demo shows "
+              "the pipeline (PDF -> chunked prefill -> KVMerger at 50% -> answer) and the memory saved.",
+              file=sys.stderr)
+        path = make_tiny_llama(tmp / "tiny-demo.gguf", n_layer=2, vocab="llama2-small", n_vocab=4096,
+                               name="kvmerge-tiny-random")
+        return str(path), True
+
+
+def cmd_demo(a) -> int:
+    from .engine import Session  # noqa: PLC0415
+
+    pdf = Path(__file__).resolve().parent / "data" / "sample.pdf"
+    if not pdf.is_file():
+        raise KVMergeError(f"the bundled sample PDF is missing: {pdf} (run scripts/make_sample_pdf.py)")
+    with tempfile.TemporaryDirectory(prefix="kvmerge-demo-") as tmp:
+        model, tiny = _demo_model(Path(tmp))
+        with Session.open(model, n_ctx=a.n_ctx, method="kvmerger", budget=0.5, n_threads=a.threads) as s:
+            st = _ingest(s, pdf, a.quiet)
+            print(f"document: {pdf.name}, {len(s.pages)} pages, {st.tokens_ingested} tokens")
+            print(f"question: {DEMO_QUESTION}")
+            print("answer: ", end="", flush=True)
+            for piece in s.ask(DEMO_QUESTION, max_new_tokens=a.max_new_tokens):
+                print(piece, end="", flush=True)
+            print()
+            st = s.stats
+            mib = 1 << 20
+            print(f"memory: KV cache {st.kv_bytes_now / mib:.2f} MiB instead of {st.kv_bytes_full / mib:.2f} MiB "
+                  f"({st.kv_bytes_saved / mib:.2f} MiB saved, {100 * (1 - st.ratio):.0f}%); {st.doc_cells} cells for "
+                  f"{st.tokens_ingested} tokens; {st.n_compactions} compaction(s)")
+            print(st.summary())
+            if tiny:
+                print("(random tiny model: the answer above is meaningless)")
+    return 0
+
+
+def cmd_ui(a) -> int:
+    try:
+        from ui.app import launch  # noqa: PLC0415
+    except ImportError as exc:
+        raise KVMergeError(f"the web UI is not available ({exc}); run from the kvmerge-local checkout "
+                           "(the ui/ package lives at its root) with gradio installed") from exc
+    launch(model=a.model, host=a.host, port=a.port)
+    return 0
+
+
+def cmd_bench(a) -> int:
+    try:
+        from .bench.cli import main as bench_main  # noqa: PLC0415
+    except ImportError as exc:
+        raise KVMergeError(f"`kvmerge-local bench` is not available yet (kvmerge_local.bench.cli: {exc})") from exc
+    return int(bench_main(a.args) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvmerge-local", description="Long-document chat with a merged KV cache.")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    q = sub.add_parser("ask", help="ingest a document and answer one question")
+    _session_args(q)
+    q.add_argument("--question", "-q", required=True)
+    q.add_argument("--json", action="store_true", help="print one JSON object with the answer and stats")
+    q.set_defaults(func=cmd_ask)
+    c = sub.add_parser("chat", help="interactive questions about a document")
+    _session_args(c)
+    c.set_defaults(func=cmd_chat)
+    m = sub.add_parser("models", help="list models.txt")
+    m.add_argument("--json", action="store_true")
+    m.add_argument("--registry", default=None, help="a models.txt other than the default")
+    m.set_defaults(func=cmd_models)
+    pl = sub.add_parser("pull", help="download a models.txt model and check its sha256")
+    pl.add_argument("name")
+    pl.add_argument("--dest", default=None, help="folder (default $KVMERGE_MODELS or ~/.cache/kvmerge-local/models)")
+    pl.add_argument("--registry", default=None)
+    pl.add_argument("--quiet", action="store_true")
+    pl.set_defaults(func=cmd_pull)
+    me = sub.add_parser("methods", help="list the compression methods")
+    me.add_argument("--json", action="store_true")
+    me.set_defaults(func=cmd_methods)
+    d = sub.add_parser("demo", help="ingest the bundled sample PDF at a 50%% KVMerger budget and ask a question")
+    d.add_argument("--n-ctx", type=int, default=2048)
+    d.add_argument("--threads", type=int, default=None)
+    d.add_argument("--max-new-tokens", type=int, default=48)
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=cmd_demo)
+    u = sub.add_parser("ui", help="start the web UI")
+    u.add_argument("--model", default=None)
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--port", type=int, default=None)
+    u.set_defaults(func=cmd_ui)
+    b = sub.add_parser("bench", help="benchmarks (kvmerge_local.bench)")
+    b.add_argument("args", nargs=argparse.REMAINDER)
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a, extra = parser.parse_known_args(argv)
+    if a.cmd == "bench":
+        a.args = list(a.args) + extra  # everything after `bench` belongs to the benchmark CLI
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(a.verbose, 2)],
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return a.func(a)
+    except (KVMergeError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Questions and answers on top of the document cache (the chat half of :class:`~.session.Session`).
+
+A turn is the question's tokens and the answer's decoded tokens, appended after the document cells at
+consecutive positions; ``_turns`` keeps their position ranges ``(p0, p1)``.  The last sampled token of an
+answer (the end-of-generation token, or the one at the token limit) is not decoded at once: it is
+``_pending`` and goes in front of the next turn's tokens.
+
+Room: before a question, the turn needs ``len(question tokens) + max_new_tokens`` free cells.  Old turns
+are dropped to make room -- the oldest after the first one, the first one (which continues the document)
+last, so the template stays well formed; gaps are closed with llama.cpp's own ``seq_add`` (turn cells
+have the same layout in every head).  A question that does not fit even then is refused.
+
+Failure: a generator that raises midway removes every cell it added and restores the turn list, so the
+session stays as it was; a generator closed early (the consumer stopped reading) keeps the partial answer.
+"""
+from __future__ import annotations
+
+import codecs
+import logging
+import numbers
+import time
+
+import numpy as np
+
+from ..bridge import _lib
+from ..errors import KVMergeError
+from .chat import StopFilter, continue_tokens
+
+log = logging.getLogger(__name__)
+
+TAIL_CHARS = 256
+
+
+class Conversation:
+    """Mixin: chat turns over ``self.ctx`` / ``self.model`` (see the module docstring)."""
+
+    def _init_chat(self) -> None:
+        self._turns: list[tuple[int, int]] = []
+        self._pending: list[int] = []
+        self._chat_tail = ""
+        self._chat_last: int | None = None
+        self._active = None
+
+    # --- tokens ----------------------------------------------------------------------------------------
+    def _question_tokens(self, q: str) -> np.ndarray:
+        """int32[n]: what goes into the cache before the answer (pending token, separators, question)."""
+        fmt, m = self.fmt, self.model
+        if not self._turns:
+            if self._doc_cells:
+                return continue_tokens(m, self._doc_tail, self._doc_last, fmt.first.format(q=q))
+            return m.tokenize(fmt.solo.format(q=q), add_bos=True)
+        pre = [t for t in self._pending if not (fmt.turn_seam and m.is_eog(t))]
+        eos, bos = int(m.info["eos"]), int(m.info["bos"])
+        for s in fmt.turn_special:
+            t = eos if s == "eos" else bos
+            if not (s == "eos" and pre and m.is_eog(pre[-1])):
+                pre.append(t)
+        text = fmt.turn.format(q=q)
+        body = continue_tokens(m, self._chat_tail, self._chat_last, text) if fmt.turn_seam else m.tokenize(text)
+        return np.concatenate([np.asarray(pre, np.int32), body]).astype(np.int32)
+
+    # --- room ------------------------------------------------------------------------------------------
+    def _cells_in_use(self) -> int:
+        return len(_lib.seq_cells(self.ctx.ptr, 0)[0])
+
+    def _drop_turn(self, i: int) -> None:
+        """Remove turn ``i``'s cells and close the gap (later turns move down with seq_add)."""
+        p0, p1 = self._turns[i]
+        ptr = self.ctx.ptr
+        if i == len(self._turns) - 1 or len(self._turns) == 1:
+            _lib.memory_seq_rm(ptr, 0, p0, -1)
+        else:
+            _lib.memory_seq_rm(ptr, 0, p0, p1)
+            _lib.memory_seq_add(ptr, 0, p1, -1, -(p1 - p0))
+        d = p1 - p0
+        self._turns = [t if j < i else (t[0] - d, t[1] - d) for j, t in enumerate(self._turns) if j != i]
+        if not self._turns:
+            self._pending, self._chat_tail, self._chat_last = [], "", None
+        log.info("dropped chat turn %d (%d cells) to make room", i, d)
+
+    def _fit(self, q: str, max_new: int) -> tuple[np.ndarray, int]:
+        """Question tokens and the answer length that fit, dropping old turns as needed."""
+        while True:
+            toks = self._question_tokens(q)
+            free = self.ctx.n_ctx - self._cells_in_use()
+            if len(toks) + max_new <= free:
+                return toks, max_new
+            if not self._turns:
+                if len(toks) + 1 > free:
+                    raise ValueError(f"the question needs {len(toks)} cells but only {free} are free "
+                                     f"(n_ctx {self.ctx.n_ctx}, document {self._doc_cells} cells); "
+                                     "ask a shorter question, use a larger n_ctx or a smaller budget")
+                log.warning("answer limited to %d tokens (context full)", free - len(toks))
+                return toks, free - len(toks)
+            self._drop_turn(1 if len(self._turns) > 1 else 0)
+
+    # --- public ----------------------------------------------------------------------------------------
+    def ask(self, question: str, *, max_new_tokens: int = 256, temperature: float = 0.0):
+        """Stream the answer to ``question`` as text pieces (an iterator of str).
+
+        Greedy by default; ``temperature > 0`` samples with the session's seeded generator.  Raises
+        ValueError for an empty question or bad limits (before anything changes).
+        """
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("question must be a non-empty string")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or temperature < 0:
+            raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+        self._check_open()
+        self._close_active()
+        q = question.strip()
+        toks, n_new = self._fit(q, int(max_new_tokens))
+        gen = self._generate(q, toks, n_new, float(temperature))
+        self._active = gen
+        return gen
+
+    def peek_logits(self, question: str) -> np.ndarray:
+        """float32[n_vocab]: next-token logits after ``question`` (as :meth:`ask` would see them); the
+        cache is left unchanged."""
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("question must be a non-empty string")
+        self._check_open()
+        self._close_active()
+        toks, _ = self._fit(question.strip(), 1)
+        p0 = self.ctx.n_past
+        try:
+            return self._decode_tokens(toks)
+        finally:
+            _lib.memory_seq_rm(self.ctx.ptr, 0, p0, -1)
+
+    def reset_chat(self) -> None:
+        """Forget every chat turn; the document cache stays."""
+        self._check_open()
+        self._close_active()
+        if self._turns:
+            _lib.memory_seq_rm(self.ctx.ptr, 0, self._turns[0][0], -1)
+        self._turns, self._pending, self._chat_tail, self._chat_last = [], [], "", None
+
+    # --- generation ------------------------------------------------------------------------------------
+    def _close_active(self) -> None:
+        if self._active is not None:
+            gen, self._active = self._active, None
+            gen.close()
+
+    def _decode_tokens(self, toks: np.ndarray) -> np.ndarray:
+        nb = self.ctx.n_batch
+        logits = None
+        for i in range(0, len(toks), nb):
+            part = toks[i:i + nb]
+            logits = self.ctx.decode(part, logits="last" if i + nb >= len(toks) else "none")
+        return logits
+
+    def _sample(self, logits: np.ndarray, temperature: float) -> int:
+        if temperature <= 0:
+            return int(np.argmax(logits))
+        z = logits.astype(np.float64) / temperature
+        p = np.exp(z - z.max())
+        return int(self._rng.choice(len(p), p=p / p.sum()))
+
+    def _generate(self, q: str, toks: np.ndarray, n_new: int, temperature: float):
+        p_start = self.ctx.n_past
+        saved = (list(self._turns), list(self._pending), self._chat_tail, self._chat_last)
+        dec = codecs.getincrementaldecoder("utf-8")("replace")
+        filt = StopFilter(self.fmt.stop)
+        raw, undecoded, n_gen, last_decoded = [], None, 0, int(toks[-1])
+        committed = []
+        t0 = time.perf_counter()
+        text = self.fmt.first.format(q=q) if not self._turns else self.fmt.turn.format(q=q)
+
+        def commit() -> None:
+            if committed:
+                return
+            committed.append(True)
+            self._turns.append((p_start, self.ctx.n_past))
+            self._pending = [undecoded] if undecoded is not None else []
+            self._chat_tail = (self._chat_tail + text + "".join(raw))[-TAIL_CHARS:]
+            keep = undecoded is not None and not self.model.is_eog(undecoded)
+            self._chat_last = undecoded if keep else last_decoded
+            self._t_decode += time.perf_counter() - t0
+            self._tokens_generated += n_gen
+            self._active = None
+
+        try:
+            logits = self._decode_tokens(toks)
+            while True:
+                tok = self._sample(logits, temperature)
+                n_gen += 1
+                undecoded = tok
+                if self.model.is_eog(tok):
+                    break
+                piece = dec.decode(self.model.piece(tok))
+                raw.append(piece)
+                out, stop = filt.push(piece)
+                if out:
+                    yield out
+                if stop or n_gen >= n_new:
+                    break
+                logits = self.ctx.decode(np.array([tok], np.int32))
+                undecoded, last_decoded = None, tok
+            rest = filt.flush() + dec.decode(b"", final=True)
+            commit()
+            if rest:
+                yield rest
+        except GeneratorExit:
+            commit()
+            raise
+        except BaseException:
+            _lib.memory_seq_rm(self.ctx.ptr, 0, p_start, -1)
+            self._turns, self._pending, self._chat_tail, self._chat_last = saved
+            self._active = None
+            if self.ctx.n_past != p_start:
+                raise KVMergeError("could not roll the cache back after a failed answer; ingest again")
+            raise

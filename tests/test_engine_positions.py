@@ -1,0 +1,117 @@
+"""Re-indexing positions: the project's per-head RoPE re-rotation against llama.cpp's own seq_add shift."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from _bridge_util import prompt_tokens, rel_err
+from kvmerge_local.bridge import KVBridge, LlamaContext, LlamaModel, _lib, apply_plan_to_state
+from kvmerge_local.engine.positions import RopeParams, rerotate_state_keys, segment_shifts
+from kvmerge_local.methods.base import plan_from_indices
+
+pytestmark = pytest.mark.llama
+
+N, M = 150, 64
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_factory):
+    m = LlamaModel(tiny_model_factory(vocab="llama2-small", n_vocab=4096, seed=3))
+    yield m
+    m.close()
+
+
+def test_rope_params_from_metadata(model):
+    r = RopeParams.from_model(model)
+    assert (r.head_dim, r.n_rot, r.freq_base, r.freq_scale, r.neox) == (64, 64, 10000.0, 1.0, False)
+    with pytest.raises(ValueError):
+        RopeParams(head_dim=64, n_rot=65)
+
+
+@pytest.mark.parametrize("neox", [False, True])
+def test_rotations_compose_and_zero_is_identity(neox):
+    r = RopeParams(head_dim=64, n_rot=32, neox=neox)
+    x = np.random.default_rng(0).standard_normal((5, 64)).astype(np.float32)
+    d1, d2 = np.array([3, -7, 100, 0, 12]), np.array([-3, 7, 250, 0, 5])
+    y = r.rotate(r.rotate(x.copy(), d1), d2)
+    np.testing.assert_allclose(y, r.rotate(x.copy(), d1 + d2), atol=2e-4)
+    np.testing.assert_array_equal(r.rotate(x.copy(), np.zeros(5, int)), x)
+    np.testing.assert_array_equal(y[:, 32:], x[:, 32:])  # only n_rot dims rotate
+    np.testing.assert_allclose(np.linalg.norm(y, axis=1), np.linalg.norm(x, axis=1), rtol=1e-5)
+
+
+def test_segment_shifts():
+    assert segment_shifts([0, 1, 5, 6, 9], [0, 1, 2, 3, 4]) == [(5, 7, -3), (9, 10, -5)]
+    with pytest.raises(ValueError):
+        segment_shifts([0, 1], [0, 2])
+
+
+def _filled(model, kv, toks):
+    ctx = LlamaContext(model, n_ctx=256, n_threads=1, kv_type=kv, flash_attn=True)
+    ctx.decode(toks[:N], logits="none")
+    return ctx
+
+
+def _ours(model, ctx, st, plan, rope):
+    """Our path: apply the plan, re-rotate every head's keys to slot positions 0..m-1, write."""
+    new = apply_plan_to_state(st, plan)
+    target = np.arange(plan.m, dtype=np.int32)
+    rerotate_state_keys(new, target[None, None, :] - plan.pos, rope)
+    new.pos[:] = target
+    ctx.clear()
+    KVBridge(ctx).write(new)
+
+
+def _llamas(ctx, st, plan):
+    """llama.cpp's path: apply the plan with original positions, then seq_add the gaps away."""
+    ctx.clear()
+    KVBridge(ctx).write(apply_plan_to_state(st, plan))
+    for p0, p1, d in segment_shifts(plan.cell_positions(), np.arange(plan.m)):
+        _lib.memory_seq_add(ctx.ptr, 0, p0, p1, d)
+
+
+def _keys_after_next(ctx, tok):
+    logits = ctx.decode(np.array([tok], np.int32))
+    assert ctx.n_past == M + 1
+    st = KVBridge(ctx).read()
+    from kvmerge_local.engine.compaction import float_views
+
+    return logits, np.asarray(float_views(st)[0][:, :, :M], np.float32)
+
+
+@pytest.mark.parametrize("kv", ["f16", "q8_0"])
+def test_uniform_reindex_matches_seq_add(model, kv):
+    toks = prompt_tokens(N + 1, seed=11)
+    ctx = _filled(model, kv, toks)
+    st = KVBridge(ctx).read().copy()
+    keep = np.r_[0:4, N - (M - 4):N]
+    plan = plan_from_indices(np.broadcast_to(keep, (2, 2, M)).astype(np.int32), st.pos, N)
+    rope = RopeParams.from_model(model)
+    _ours(model, ctx, st, plan, rope)
+    la, ka = _keys_after_next(ctx, toks[N])
+    _llamas(ctx, st, plan)
+    lb, kb = _keys_after_next(ctx, toks[N])
+    tol = 2e-3 if kv == "f16" else 2e-2
+    assert rel_err(ka, kb) < tol
+    assert rel_err(la, lb) < tol
+    ctx.close()
+
+
+def test_per_head_reindex_matches_seq_add_head_by_head(model):
+    toks = prompt_tokens(N + 1, seed=12)
+    ctx = _filled(model, "f16", toks)
+    st = KVBridge(ctx).read().copy()
+    rng = np.random.default_rng(5)
+    idx = np.stack([np.stack([np.r_[np.sort(rng.choice(N - 1, M - 1, replace=False)), N - 1] for _ in range(2)])
+                    for _ in range(2)]).astype(np.int32)
+    rope = RopeParams.from_model(model)
+    _ours(model, ctx, st, plan_from_indices(idx, st.pos, N), rope)
+    la, ours = _keys_after_next(ctx, toks[N])
+    assert np.all(np.isfinite(la))
+    for l in range(2):
+        for h in range(2):
+            uni = np.broadcast_to(idx[l, h], (2, 2, M)).astype(np.int32)
+            _llamas(ctx, st, plan_from_indices(uni, st.pos, N))
+            _, ref = _keys_after_next(ctx, toks[N])
+            assert rel_err(ours[l, h], ref[l, h]) < 2e-3, (l, h)
+    ctx.close()
