@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup deps llama test demo bench clean
+.PHONY: setup deps llama browser test demo bench clean
 
 setup: deps llama
 
@@ -25,7 +25,14 @@ llama: | $(PY)
 	bash scripts/build_llama.sh $(VENV)
 	$(PY) -c "from kvmerge_local.bridge import _lib; _lib.lib(); print('patched libllama OK')"
 
-test: setup
+# Debian's chromium for the UI browser test (Playwright drives it; no browser is downloaded). Installed
+# with apt when missing and we are root; otherwise that one test skips and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "chromium not installed (needs root and apt): the UI browser test will be skipped"
+
+test: setup browser
 	$(PY) -m pytest -q -p no:cacheprovider
 
 demo: setup

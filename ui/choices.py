@@ -1,0 +1,115 @@
+"""What the pickers offer (models, methods, KV types, context sizes) and the settings one ingestion uses."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+EMBEDDED = "embedded"
+"""Model picker value for the embedded default model (``Session.open(model=None)``)."""
+
+N_CTX_CHOICES = (1024, 2048, 4096, 8192, 16384, 32768)
+KV_TYPE_ORDER = ("f16", "q8_0", "q4_0", "bf16", "f32")
+KV_TYPE_NOTES = {
+    "f16": "f16 (exact, default)",
+    "q8_0": "q8_0 (half the memory)",
+    "q4_0": "q4_0 (a quarter of the memory)",
+    "bf16": "bf16",
+    "f32": "f32 (twice f16)",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The choices one ingestion is made with; a saved cache is only reused for the same ones."""
+
+    model: str | None = None
+    method: str = "kvmerger"
+    budget: float = 0.5
+    kv_type: str = "f16"
+    n_ctx: int = 2048
+
+    @classmethod
+    def from_ui(cls, model: str | None, method: str, budget: float, kv_type: str, n_ctx: int | str) -> "Settings":
+        """Settings from picker values (the model picker's :data:`EMBEDDED` means the embedded default)."""
+        return cls(model=None if model in (None, "", EMBEDDED) else str(model), method=str(method),
+                   budget=float(budget), kv_type=str(kv_type), n_ctx=int(n_ctx))
+
+    def open_kwargs(self) -> dict:
+        """Keyword arguments for ``Session.open`` / ``Session.load`` (besides the model)."""
+        return {"n_ctx": self.n_ctx, "kv_type": self.kv_type, "method": self.method, "budget": self.budget}
+
+    def fingerprint(self) -> str:
+        """Short stable hash of the settings (part of a saved cache's key)."""
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        return hashlib.sha1(blob).hexdigest()[:10]
+
+    def describe(self) -> str:
+        """One line for people: ``kvmerger @ 50% · f16 · n_ctx 2048 · <model>``."""
+        return (f"{self.method} @ {self.budget:.0%} · {self.kv_type} · n_ctx {self.n_ctx} · "
+                f"{model_label(self.model)}")
+
+
+def model_label(model: str | None) -> str:
+    """How a model value is shown: the embedded default, or the file or entry name."""
+    if model in (None, "", EMBEDDED):
+        return "embedded default"
+    return Path(model).name if ("/" in model or model.endswith(".gguf")) else model
+
+
+def installed_models() -> list[str]:
+    """models.txt entries whose files are present on disk (names ``Session.open`` accepts)."""
+    from kvmerge_local import models
+    from kvmerge_local.errors import ModelError
+
+    try:
+        registry = models.load_registry()
+    except ModelError:  # no models.txt: only the embedded default and explicit paths
+        return []
+    return [name for name, entry in registry.items() if entry.local_path.is_file()]
+
+
+def embedded_model() -> str | None:
+    """File name of the embedded default model, or None when this install has none."""
+    from kvmerge_local import models
+    from kvmerge_local.errors import ModelError
+
+    try:
+        return models.default_model().name
+    except ModelError:
+        return None
+
+
+def model_choices(preferred: str | None = None) -> list[tuple[str, str]]:
+    """(label, value) pairs: the embedded default (when present), the installed models.txt entries, and
+    ``preferred`` (``--model``).  With none of these, the embedded default is still offered: choosing it
+    then explains how to get a model."""
+    out = []
+    embedded = embedded_model()
+    if embedded:
+        out.append((f"Embedded default ({embedded})", EMBEDDED))
+    for name in installed_models():
+        out.append((model_label(name), name))
+    if preferred and preferred not in {v for _, v in out}:
+        out.append((model_label(preferred), preferred))
+    if not out:
+        out.append(("Embedded default (not installed)", EMBEDDED))
+    return out
+
+
+def method_choices() -> list[tuple[str, str]]:
+    """(label, value) for every method of the registry (``kvmerger`` first)."""
+    from kvmerge_local.methods import REGISTRY
+
+    names = sorted(REGISTRY, key=lambda n: (not n.startswith("kvmerger"), n))
+    return [(n, n) for n in names]
+
+
+def kv_type_choices() -> list[tuple[str, str]]:
+    """(label, value) for the KV cache types the bridge supports, most useful first."""
+    from kvmerge_local.bridge.context import KV_TYPES
+
+    names = [t for t in KV_TYPE_ORDER if t in KV_TYPES] + [t for t in KV_TYPES if t not in KV_TYPE_ORDER]
+    return [(KV_TYPE_NOTES.get(t, t), t) for t in names]
