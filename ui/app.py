@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 ENGINE = dict(concurrency_limit=1, concurrency_id="engine")
 """Event options for every handler that touches the llama context."""
 
+PHASES = {"prefill": "Reading the document into the cache", "compact": "Merging the cache"}
+
 INTRO = ("### kvmerge-local — chat with a long document\n"
          "Drop a PDF, TXT or MD file; it is read into a local llama.cpp model whose KV cache is compressed by "
          "merging similar tokens. The gauge shows what that saved; the plot shows where in the document the "
@@ -92,7 +94,7 @@ def build_app(engine_factory: Any = None, *, default_model: str | None = None, l
         progress(0.0, desc=f"Reading {path.name}")
 
         def report(done: int, total: int, phase: str) -> None:
-            progress((done, total) if total else None, desc=phase, unit="tokens")
+            progress((done, total) if total else None, desc=PHASES.get(phase, phase.capitalize()), unit="tokens")
 
         try:
             doc, note = wb.ingest(path, settings, name=path.name, progress=report)
@@ -209,9 +211,10 @@ def build_app(engine_factory: Any = None, *, default_model: str | None = None, l
 
         ingest_outputs = [status, docs, gauge, plot, chatbot, client]
         ingest_inputs = [file, model, method, budget, kv_type, n_ctx, client]
-        ingest_btn.click(on_ingest, ingest_inputs, ingest_outputs, api_name="ingest", **ENGINE)
-        file.upload(on_ingest, ingest_inputs, ingest_outputs, api_visibility="private", **ENGINE)
-        load_btn.click(on_load, [docs, client], ingest_outputs, api_name="load_document", **ENGINE)
+        progress_at = dict(show_progress_on=[gauge])  # one progress bar, over the gauge
+        ingest_btn.click(on_ingest, ingest_inputs, ingest_outputs, api_name="ingest", **progress_at, **ENGINE)
+        file.upload(on_ingest, ingest_inputs, ingest_outputs, api_visibility="private", **progress_at, **ENGINE)
+        load_btn.click(on_load, [docs, client], ingest_outputs, api_name="load_document", **progress_at, **ENGINE)
         forget_btn.click(on_forget, [docs], [status, docs], api_name="forget", **ENGINE)
         gr.on([question.submit, ask_btn.click], on_ask, [question, client],
               [chatbot, question, gauge, plot, client], api_name="ask", show_progress="minimal", **ENGINE)

@@ -231,6 +231,7 @@ CSS = """
 .kvm-doc { word-break: break-all; }
 .kvm-bar { height: 6px; border-radius: 3px; background: rgba(127,127,127,0.2); margin: 3px 0; overflow: hidden; }
 .kvm-bar > div { height: 100%; border-radius: 3px; }
+.kvm-gauge.kvm-empty { min-height: 72px; display: flex; align-items: center; }
 .kvm-empty { padding: 12px; opacity: 0.75; border: 1px dashed var(--border-color-primary, #d1d5db);
              border-radius: 8px; }
 """
