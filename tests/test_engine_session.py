@@ -82,7 +82,7 @@ def test_short_document_compresses_to_budget_and_keeps_positions(model_path):
         assert isinstance(st, Stats) and st.as_dict()["kv_bytes_saved"] > 0
 
 
-@pytest.mark.parametrize("kv,policy", [("q8_0", "reindex"), ("f16", "keep")])
+@pytest.mark.parametrize("kv,policy", [("q8_0", "reindex"), ("bf16", "reindex"), ("f16", "keep")])
 def test_cache_types_and_policies(model_path, kv, policy):
     with Session.open(model_path, n_ctx=256, kv_type=kv, position_policy=policy, n_threads=2) as s:
         st = s.ingest(text_of(300))

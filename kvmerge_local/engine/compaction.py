@@ -86,22 +86,30 @@ def slot_rope_positions(plan: Plan, book: CacheBook) -> np.ndarray:
 
 
 def float_views(st: KVState) -> tuple[np.ndarray, np.ndarray]:
-    """K and V as float arrays the methods accept: f16/f32 views as they are, bf16 and quantized
-    caches converted to float32 (quantized ones stay in their Hadamard-rotated basis: cosines and
-    weighted sums do not change under an orthonormal rotation)."""
+    """K and V as arrays the methods accept ([L, H, N, d] float16/float32).
+
+    f16/f32 caches: the state's own views (no copy).  bf16 and quantized K is converted layer by layer
+    into one float16 array (quantized keys stay in their Hadamard-rotated basis: cosines, distances and
+    weighted sums do not change under an orthonormal rotation).  The planners read values only for their
+    shape, so a bf16/quantized V is passed as a zero-stride float16 view instead of being converted.
+    """
     from .. import codec  # noqa: PLC0415
 
-    out = []
-    for a, t in ((st.k4, st.k_type), (st.v4, st.v_type)):
-        if a.dtype in (np.float16, np.float32):
-            out.append(a)
-        elif a.dtype == np.uint16:
-            out.append((a.astype(np.uint32) << 16).view(np.float32))
-        else:
-            L, H, N, hb = a.shape
-            x = codec.dequantize_rows(np.ascontiguousarray(a).reshape(L * H * N, hb), t)
-            out.append(x.reshape(L, H, N, -1))
-    return out[0], out[1]
+    L, H, N = st.geom.n_layer, st.geom.n_kv_head, st.n_cells
+    d = st.geom.head_dim
+
+    def convert(a: np.ndarray, t: int) -> np.ndarray:
+        out = np.empty((L, H, N, d), np.float16)
+        for l in range(L):
+            if a.dtype == np.uint16:
+                out[l] = (a[l].astype(np.uint32) << 16).view(np.float32)
+            else:
+                out[l] = codec.dequantize_rows(np.ascontiguousarray(a[l]).reshape(H * N, -1), t).reshape(H, N, d)
+        return out
+
+    k = st.k4 if st.k4.dtype in (np.float16, np.float32) else convert(st.k4, st.k_type)
+    v = st.v4 if st.v4.dtype in (np.float16, np.float32) else np.broadcast_to(np.zeros(1, np.float16), (L, H, N, d))
+    return k, v
 
 
 @dataclass

@@ -58,6 +58,9 @@ def load_document(source: str | os.PathLike) -> Document:
     if isinstance(source, Document):
         return source
     if isinstance(source, str):
+        if len(source) < 1024 and "\n" not in source and source.lower().endswith(TEXT_SUFFIXES + PDF_SUFFIXES) \
+                and Path(source).is_file():
+            log.warning("ingesting the string %r as text; pass a pathlib.Path to read the file", source)
         return Document(text=_clean(source), name="text")
     if not isinstance(source, os.PathLike):
         raise TypeError(f"document must be a str (the text) or a path, got {type(source).__name__}")
