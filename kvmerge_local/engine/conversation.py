@@ -166,7 +166,10 @@ class Conversation:
         raw, undecoded, n_gen, last_decoded = [], None, 0, int(toks[-1])
         committed = []
         t0 = time.perf_counter()
-        text = self.fmt.first.format(q=q) if not self._turns else self.fmt.turn.format(q=q)
+        if self._turns:
+            text = self.fmt.turn.format(q=q)
+        else:
+            text = (self.fmt.first if self._doc_cells else self.fmt.solo).format(q=q)
 
         def commit() -> None:
             if committed:

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bridge import KVBridge, LlamaContext, LlamaModel
+from ..bridge import KV_TYPES, KVBridge, LlamaContext, LlamaModel
 from ..bridge.state import row_bytes
 from ..errors import KVMergeError
-from ..methods import Method, get_method, resolve_budget
-from .chat import detect_format
+from ..methods import Full, Method, get_method, resolve_budget
+from .chat import FORMATS, detect_format
 from .compaction import CacheBook, compact
 from .conversation import TAIL_CHARS, Conversation
 from .documents import load_document, page_token_spans
@@ -61,8 +61,8 @@ class Session(Conversation, Persistence):
         self._rng = np.random.default_rng(self.seed)
         self._rope: RopeParams | None = None
         g = model.geom
-        self.bytes_per_cell = g.n_layer * (row_bytes(ctx_type(ctx.kv_type), g.n_embd_kv)
-                                           + row_bytes(ctx_type(ctx.type_v), g.n_embd_kv))
+        self.bytes_per_cell = g.n_layer * (row_bytes(KV_TYPES[ctx.kv_type], g.n_embd_kv)
+                                           + row_bytes(KV_TYPES[ctx.type_v], g.n_embd_kv))
         self._closed = False
         self._init_doc()
         self._init_chat()
@@ -89,20 +89,25 @@ class Session(Conversation, Persistence):
             meth, name = method, getattr(method, "name", type(method).__name__)
         else:
             meth, name = get_method(str(method), **params), str(method)
+        if chat_format is not None and chat_format not in FORMATS:
+            raise ValueError(f"unknown chat format {chat_format!r}; known: {', '.join(FORMATS)}")
         if not isinstance(n_ctx, int) or n_ctx < 64:
             raise ValueError(f"n_ctx must be an int >= 64, got {n_ctx!r}")
         path, entry = resolve_model(model)
         if chat_format is None and entry is not None and entry.value(entry.chat_format) in ("llama2", "mistral", "raw"):
             chat_format = entry.value(entry.chat_format)
         lm = LlamaModel(path, n_gpu_layers=n_gpu_layers)
+        ctx = None
         try:
             ctx = LlamaContext(lm, n_ctx=n_ctx, n_threads=n_threads, flash_attn=flash_attn, kv_type=kv_type)
+            s = cls(lm, ctx, method=meth, method_name=name, budget=budget, position_policy=position_policy,
+                    seed=seed, method_params=params, chat_format=chat_format,
+                    model_label=entry.name if entry else path.name, flash_attn=flash_attn)
         except BaseException:
+            if ctx is not None:
+                ctx.close()
             lm.close()
             raise
-        s = cls(lm, ctx, method=meth, method_name=name, budget=budget, position_policy=position_policy, seed=seed,
-                method_params=params, chat_format=chat_format, model_label=entry.name if entry else path.name,
-                flash_attn=flash_attn)
         log.info("session: %s, n_ctx %d, %s cache, method %s, budget %s, format %s", path.name, ctx.n_ctx, kv_type,
                  name, budget, s.fmt.name)
         return s
@@ -179,7 +184,7 @@ class Session(Conversation, Persistence):
         cap = self.ctx.n_ctx - self.reserve
         if cap < 2:
             raise ValueError(f"n_ctx {self.ctx.n_ctx} leaves no room for a document")
-        if n > cap and self.method_name == "full":
+        if n > cap and isinstance(self.method, Full):
             raise ValueError(f"method 'full' keeps every token: this document needs {n} cells but only {cap} "
                              f"fit (n_ctx {self.ctx.n_ctx} minus {self.reserve} for the question and answer); "
                              "pick a compressing method or a larger n_ctx")
@@ -284,13 +289,6 @@ class Session(Conversation, Persistence):
     def __repr__(self) -> str:
         return (f"Session({self.model_label}, n_ctx={self.ctx.n_ctx}, method={self.method_name}, "
                 f"budget={self.budget}, doc_cells={self._doc_cells})")
-
-
-def ctx_type(name: str) -> int:
-    """ggml type id of a cache type name."""
-    from ..bridge import KV_TYPES  # noqa: PLC0415
-
-    return KV_TYPES[name]
 
 
 __all__ = ["Session", "POSITION_POLICIES"]
