@@ -132,3 +132,35 @@ def test_bf16_keys_rerotate_like_float32(model):
     assert rel_err(after, expect) < 1e-2  # bf16 keeps 8 bits of mantissa
     np.testing.assert_array_equal(after[delta == 0], before[delta == 0])
     ctx.close()
+
+
+class _FakeModel:
+    """Just what RopeParams.from_model reads: info, geom, meta(), path."""
+
+    def __init__(self, kv: dict, rope_type: int = 0):
+        from pathlib import Path
+
+        from kvmerge_local.bridge import KVGeometry
+
+        self.info = {"arch": "llama", "rope_type": rope_type}
+        self.geom = KVGeometry(2, 2, 128)
+        self.kv = kv
+        self.path = Path("fake.gguf")
+
+    def meta(self, key):
+        return self.kv.get(key)
+
+
+def test_rope_scaling_metadata():
+    from kvmerge_local.errors import UnsupportedCacheError
+
+    r = RopeParams.from_model(_FakeModel({"llama.rope.freq_base": "1000000.000000", "llama.rope.dimension_count": "64",
+                                          "llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": "4.0"}))
+    assert (r.freq_base, r.n_rot, r.freq_scale, r.neox) == (1e6, 64, 0.25, False)
+    assert RopeParams.from_model(_FakeModel({"llama.rope.scale_linear": "2.0"})).freq_scale == 0.5
+    assert RopeParams.from_model(_FakeModel({}, rope_type=2)).neox
+    with pytest.raises(UnsupportedCacheError, match="yarn"):
+        RopeParams.from_model(_FakeModel({"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": "4"}))
+    # linear scaling: a shift by d rotates pair i by d * freq_scale * base^(-2i/n_rot)
+    cos, sin = r.angles(np.array([8]))
+    np.testing.assert_allclose(np.arctan2(sin, cos)[0, :3], 8 * 0.25 * 1e6 ** (-2 * np.arange(3) / 64), rtol=1e-5)
