@@ -167,6 +167,8 @@ def test_compress_errors():
     with pytest.raises(ValueError):
         kvmerge_local.compress(k, v, ev, budget=0)
     with pytest.raises(ValueError):
+        kvmerge_local.compress(k, v, np.full_like(ev, np.nan))
+    with pytest.raises(ValueError):
         kvmerge_local.compress(k, v, ev, positions=pos[::-1].copy())
     with pytest.raises(ValueError):
         kvmerge_local.compress(k, v, None, method="h2o")

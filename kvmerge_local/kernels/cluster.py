@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import numba
 from numba import njit, prange
 
 from .strided import flat_view, load_row
@@ -103,54 +104,45 @@ def threshold_runs(cos, prot, evidence, m, eps):
 
 
 @njit(cache=True)
-def _better(hp, ha, i, j):
-    return hp[i] > hp[j] or (hp[i] == hp[j] and ha[i] < ha[j])
+def _better(hp, hid, ea, i, j):
+    """Heap order: higher cosine first, ties -> the older (smaller left cluster) pair."""
+    return hp[i] > hp[j] or (hp[i] == hp[j] and ea[hid[i]] < ea[hid[j]])
 
 
 @njit(cache=True)
-def _heap_push(hp, ha, hva, hb, hvb, n, prio, a, va, b, vb):
+def _heap_push(hp, hid, ea, n, prio, entry):
     i = n
-    hp[i], ha[i], hva[i], hb[i], hvb[i] = prio, a, va, b, vb
+    hp[i] = prio
+    hid[i] = entry
     while i > 0:
         par = (i - 1) // 2
-        if _better(hp, ha, i, par):
-            hp[i], hp[par] = hp[par], hp[i]
-            ha[i], ha[par] = ha[par], ha[i]
-            hva[i], hva[par] = hva[par], hva[i]
-            hb[i], hb[par] = hb[par], hb[i]
-            hvb[i], hvb[par] = hvb[par], hvb[i]
-            i = par
-        else:
+        if not _better(hp, hid, ea, i, par):
             break
+        hp[i], hp[par] = hp[par], hp[i]
+        hid[i], hid[par] = hid[par], hid[i]
+        i = par
     return n + 1
 
 
 @njit(cache=True)
-def _heap_pop(hp, ha, hva, hb, hvb, n):
+def _heap_pop(hp, hid, ea, n):
     """Remove the top (moved to index n-1); returns the new size."""
     n -= 1
     hp[0], hp[n] = hp[n], hp[0]
-    ha[0], ha[n] = ha[n], ha[0]
-    hva[0], hva[n] = hva[n], hva[0]
-    hb[0], hb[n] = hb[n], hb[0]
-    hvb[0], hvb[n] = hvb[n], hvb[0]
+    hid[0], hid[n] = hid[n], hid[0]
     i = 0
     while True:
         lc = 2 * i + 1
         if lc >= n:
             break
         best = lc
-        if lc + 1 < n and _better(hp, ha, lc + 1, lc):
+        if lc + 1 < n and _better(hp, hid, ea, lc + 1, lc):
             best = lc + 1
-        if _better(hp, ha, best, i):
-            hp[i], hp[best] = hp[best], hp[i]
-            ha[i], ha[best] = ha[best], ha[i]
-            hva[i], hva[best] = hva[best], hva[i]
-            hb[i], hb[best] = hb[best], hb[i]
-            hvb[i], hvb[best] = hvb[best], hvb[i]
-            i = best
-        else:
+        if not _better(hp, hid, ea, best, i):
             break
+        hp[i], hp[best] = hp[best], hp[i]
+        hid[i], hid[best] = hid[best], hid[i]
+        i = best
     return n
 
 
@@ -165,81 +157,100 @@ def _cos(sums, n2, a, b):
 
 
 @njit(cache=True, parallel=True, fastmath=FAST)
-def budget_runs_flat(kflat, kgeom, prot, evidence, m, eps, refuse_below_eps):
+def budget_runs_flat(kflat, kgeom, prot, evidence, m, eps, refuse_below_eps, n_chunk):
     """Budget-mode runs by adjacency-constrained agglomerative clustering (see the module docstring).
 
     keys as (kflat, kgeom) (see :mod:`.strided`); prot bool[L, H, N]; evidence float32[L, H, N].
+    Work buffers are allocated once per chunk of heads (``n_chunk`` chunks), not per head.
     """
     L, H, N, d = kgeom[5], kgeom[6], kgeom[7], kgeom[8]
     out_s = np.empty((L, H, m), np.int32)
     out_e = np.empty((L, H, m), np.int32)
     cap = 3 * N + 1
-    for lh in prange(L * H):
-        l = lh // H
-        h = lh - l * H
-        p = prot[l, h]
+    n_chunk = max(1, min(L * H, n_chunk))
+    for c in prange(n_chunk):
         sums = np.empty((N, d), np.float64)
-        n2 = np.zeros(N, np.float64)
+        n2 = np.empty(N, np.float64)
         row = np.empty(d, np.float32)
-        for i in range(N):
-            load_row(kflat, kgeom, l, h, i, row)
-            for e in range(d):
-                x = np.float64(row[e])
-                sums[i, e] = x
-                n2[i] += x * x
-        end = np.arange(1, N + 1)
-        nxt = np.arange(1, N + 1)
-        prv = np.arange(-1, N - 1)
-        ver = np.zeros(N, np.int64)
-        alive = np.ones(N, np.bool_)
+        end = np.empty(N, np.int64)
+        nxt = np.empty(N, np.int64)
+        prv = np.empty(N, np.int64)
+        ver = np.empty(N, np.int64)
+        alive = np.empty(N, np.bool_)
         hp = np.empty(cap, np.float64)
-        ha = np.empty(cap, np.int64)
-        hva = np.empty(cap, np.int64)
-        hb = np.empty(cap, np.int64)
-        hvb = np.empty(cap, np.int64)
-        n = 0
-        for i in range(N - 1):
-            if not p[i] and not p[i + 1]:
-                n = _heap_push(hp, ha, hva, hb, hvb, n, _cos(sums, n2, i, i + 1), i, 0, i + 1, 0)
-        ncl = N
-        while ncl > m and n > 0:
-            n = _heap_pop(hp, ha, hva, hb, hvb, n)
-            a, b = ha[n], hb[n]
-            if not (alive[a] and alive[b] and ver[a] == hva[n] and ver[b] == hvb[n]):
-                continue
-            if refuse_below_eps and not (hp[n] > eps):
-                break
-            s = 0.0
-            for e in range(d):
-                sums[a, e] += sums[b, e]
-                s += sums[a, e] * sums[a, e]
-            n2[a] = s
-            end[a] = end[b]
-            nxt[a] = nxt[b]
-            if nxt[b] < N:
-                prv[nxt[b]] = a
-            alive[b] = False
-            ver[a] += 1
-            ncl -= 1
-            q = prv[a]
-            if q >= 0 and not p[q]:
-                n = _heap_push(hp, ha, hva, hb, hvb, n, _cos(sums, n2, q, a), q, ver[q], a, ver[a])
-            r = nxt[a]
-            if r < N and not p[r]:
-                n = _heap_push(hp, ha, hva, hb, hvb, n, _cos(sums, n2, a, r), a, ver[a], r, ver[r])
-        rs = np.empty(ncl, np.int64)
-        re = np.empty(ncl, np.int64)
-        c = 0
-        i = 0
-        while i < N:
-            rs[c] = i
-            re[c] = end[i]
-            c += 1
-            i = end[i]
-        _evict_runs(rs, re, ncl, p, evidence[l, h], m, out_s[l, h], out_e[l, h])
+        hid = np.empty(cap, np.int64)
+        ea = np.empty(cap, np.int64)
+        eva = np.empty(cap, np.int64)
+        eb = np.empty(cap, np.int64)
+        evb = np.empty(cap, np.int64)
+        rs = np.empty(N, np.int64)
+        re = np.empty(N, np.int64)
+        for lh in range(c, L * H, n_chunk):
+            l = lh // H
+            h = lh - l * H
+            p = prot[l, h]
+            for i in range(N):
+                load_row(kflat, kgeom, l, h, i, row)
+                s = 0.0
+                for e in range(d):
+                    x = np.float64(row[e])
+                    sums[i, e] = x
+                    s += x * x
+                n2[i] = s
+                end[i] = i + 1
+                nxt[i] = i + 1
+                prv[i] = i - 1
+                ver[i] = 0
+                alive[i] = True
+            n = 0
+            ne = 0
+            for i in range(N - 1):
+                if not p[i] and not p[i + 1]:
+                    ea[ne], eva[ne], eb[ne], evb[ne] = i, 0, i + 1, 0
+                    n = _heap_push(hp, hid, ea, n, _cos(sums, n2, i, i + 1), ne)
+                    ne += 1
+            ncl = N
+            while ncl > m and n > 0:
+                n = _heap_pop(hp, hid, ea, n)
+                t = hid[n]
+                a, b = ea[t], eb[t]
+                if not (alive[a] and alive[b] and ver[a] == eva[t] and ver[b] == evb[t]):
+                    continue
+                if refuse_below_eps and not (hp[n] > eps):
+                    break
+                s = 0.0
+                for e in range(d):
+                    sums[a, e] += sums[b, e]
+                    s += sums[a, e] * sums[a, e]
+                n2[a] = s
+                end[a] = end[b]
+                nxt[a] = nxt[b]
+                if nxt[b] < N:
+                    prv[nxt[b]] = a
+                alive[b] = False
+                ver[a] += 1
+                ncl -= 1
+                q = prv[a]
+                if q >= 0 and not p[q]:
+                    ea[ne], eva[ne], eb[ne], evb[ne] = q, ver[q], a, ver[a]
+                    n = _heap_push(hp, hid, ea, n, _cos(sums, n2, q, a), ne)
+                    ne += 1
+                r = nxt[a]
+                if r < N and not p[r]:
+                    ea[ne], eva[ne], eb[ne], evb[ne] = a, ver[a], r, ver[r]
+                    n = _heap_push(hp, hid, ea, n, _cos(sums, n2, a, r), ne)
+                    ne += 1
+            k = 0
+            i = 0
+            while i < N:
+                rs[k] = i
+                re[k] = end[i]
+                k += 1
+                i = end[i]
+            _evict_runs(rs, re, ncl, p, evidence[l, h], m, out_s[l, h], out_e[l, h])
     return out_s, out_e
-
 
 def budget_runs(keys, prot, evidence, m, eps, refuse_below_eps):
     """:func:`budget_runs_flat` for keys float16/float32 [L, H, N, d] of any strides."""
-    return budget_runs_flat(*flat_view(keys, "keys"), prot, evidence, m, eps, refuse_below_eps)
+    return budget_runs_flat(*flat_view(keys, "keys"), prot, evidence, m, eps, refuse_below_eps,
+                            4 * numba.get_num_threads())

@@ -6,6 +6,7 @@ parameters overridden (ValueError on unknown names or parameters); ``describe_me
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 from .base import EVIDENCE_KINDS, Method, Selection, protected_counts, resolve_budget
 from .cam import CaM
@@ -15,6 +16,8 @@ from .kvmerger import KVMerger
 from .snapkv import SnapKV
 from .streaming_llm import StreamingLLM
 from .tova import TOVA
+
+log = logging.getLogger(__name__)
 
 REGISTRY: dict[str, Method] = {
     "full": Full(),

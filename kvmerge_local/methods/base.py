@@ -91,6 +91,8 @@ def check_inputs(keys, values, positions, evidence):
         if not np.issubdtype(evidence.dtype, np.floating):
             raise ValueError(f"evidence must be floating point, got {evidence.dtype}")
         evidence = evidence.astype(np.float32, copy=False)
+        if np.isnan(evidence).any():
+            raise ValueError("evidence contains NaN")
     return as_kernel_array(keys, "keys"), as_kernel_array(values, "values"), positions, evidence
 
 

@@ -1,6 +1,7 @@
 """CaM (Zhang et al., ICML 2024, seed 003): merge the values of evicted cells into kept ones."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -9,6 +10,8 @@ from ..kernels.merge import cam_fill, cam_merge_mask, csr_offsets
 from ..plan import Plan
 from .base import Method, Selection, _check_nonneg_int
 from .streaming_llm import StreamingLLM
+
+log = logging.getLogger(__name__)
 
 
 @dataclass

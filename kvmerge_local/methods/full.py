@@ -1,10 +1,13 @@
 """``full``: no compression (the reference every method must reproduce when ``m >= N``)."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from ..plan import Plan
 from .base import Method, identity_plan
+
+log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -1,11 +1,14 @@
 """H2O (Zhang et al. 2023): heavy hitters by accumulated attention plus the recent window."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 
 from .base import Selection, _check_nonneg_int
+
+log = logging.getLogger(__name__)
 
 
 @dataclass

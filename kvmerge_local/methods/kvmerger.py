@@ -1,6 +1,7 @@
 """KVMerger (Wang et al. 2024, arXiv 2407.08454, seeds 000-002): adaptive merging of similar keys."""
 from __future__ import annotations
 
+import logging
 import numbers
 from dataclasses import dataclass, field
 
@@ -14,6 +15,8 @@ from ..kernels.strided import flat_view
 from ..plan import Plan
 from .base import EVIDENCE_KINDS, Method, _check_nonneg_int, protected_counts
 from .snapkv import SnapKV
+
+log = logging.getLogger(__name__)
 
 
 @dataclass

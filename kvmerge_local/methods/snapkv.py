@@ -1,12 +1,15 @@
 """SnapKV (Li et al. 2024): observation-window attention, pooled, selects the prefix to keep."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..kernels.similarity import pool1d
 from .base import Selection, _check_nonneg_int, protected_counts
+
+log = logging.getLogger(__name__)
 
 
 @dataclass

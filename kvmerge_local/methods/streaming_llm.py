@@ -1,9 +1,12 @@
 """StreamingLLM (Xiao et al. 2023): attention sinks plus a sliding window."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from .base import Selection, _check_nonneg_int
+
+log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -1,11 +1,14 @@
 """TOVA (Oren et al. 2024): the last query's attention, averaged over the heads of a layer."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 
 from .base import Selection, _check_nonneg_int
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
