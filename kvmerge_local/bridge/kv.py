@@ -51,14 +51,19 @@ def copy_sources(plan: Plan, which: str) -> np.ndarray:
     return out.reshape(L, H, m)
 
 
-def apply_plan_to_state(st: KVState, plan: Plan) -> KVState:
-    """A new KVState of ``plan.m`` cells built from ``st`` by ``plan`` (``st`` is not modified)."""
+def apply_plan_to_state(st: KVState, plan: Plan, out: np.ndarray | None = None) -> KVState:
+    """A new KVState of ``plan.m`` cells built from ``st`` by ``plan`` (``st`` is not modified).
+
+    ``out``: an optional uint8 buffer, not overlapping ``st.blob``, to build the new blob in.
+    """
     from ..kernels.apply import apply_plan  # noqa: PLC0415 - numba compile on first use
 
     if plan.n_in != st.n_cells or plan.n_layer != st.geom.n_layer or plan.n_kv_head != st.geom.n_kv_head:
         raise ValueError(f"plan for {plan.n_layer}x{plan.n_kv_head} heads and {plan.n_in} cells does not "
                          f"match the cache ({st.geom.n_layer}x{st.geom.n_kv_head}, {st.n_cells} cells)")
-    out = new_state(st, plan.m, plan.cell_positions())
+    if out is not None and np.shares_memory(out, st.blob):
+        raise ValueError("the output buffer overlaps the source state")
+    out = new_state(st, plan.m, plan.cell_positions(), out)
     for which, src4, dst4, t in (("k", st.k4, out.k4, st.k_type), ("v", st.v4, out.v4, st.v_type)):
         if src4.dtype == np.uint8:
             _apply_quantized(src4, dst4, t, plan, which)
@@ -94,17 +99,24 @@ class KVBridge:
 
     seq_id = 0
 
-    def __init__(self, ctx: LlamaContext) -> None:
+    def __init__(self, ctx: LlamaContext, reuse_buffers: bool = False) -> None:
+        """``reuse_buffers``: read into, and compact into, two preallocated buffers instead of fresh
+        allocations (no page faults on the hot path).  A state returned by :meth:`read` then stays valid
+        only until the next ``read``, and one returned by :meth:`compact` until the next ``compact``."""
         self.ctx = ctx
         self.geom = ctx.model.geom
-        self._buf: np.ndarray | None = None
+        self.reuse_buffers = reuse_buffers
+        self._read_buf: np.ndarray | None = None
+        self._out_buf: np.ndarray | None = None
         self.timings: dict[str, float] = {}
 
     # --- state ---------------------------------------------------------------------------------------
     def read(self) -> KVState:
         """The current cache of the sequence (its own blob: later writes do not change it)."""
         t0 = time.perf_counter()
-        blob = _lib.state_seq_get(self.ctx.ptr, self.seq_id)
+        blob = _lib.state_seq_get(self.ctx.ptr, self.seq_id, self._read_buf if self.reuse_buffers else None)
+        if self.reuse_buffers:
+            self._read_buf = blob.base if blob.base is not None else blob
         st = parse_state(blob, self.geom)
         self.timings["read"] = time.perf_counter() - t0
         return st
@@ -136,7 +148,12 @@ class KVBridge:
         t0 = time.perf_counter()
         try:
             plan.validate()
-            new = apply_plan_to_state(st, plan)
+            out = None
+            if self.reuse_buffers:
+                if self._out_buf is None or self._out_buf.nbytes < st.blob.nbytes:
+                    self._out_buf = np.empty(st.blob.nbytes, np.uint8)  # m <= N cells always fit
+                out = None if np.shares_memory(self._out_buf, st.blob) else self._out_buf
+            new = apply_plan_to_state(st, plan, out)
         except BaseException:
             self.write(st)  # the context may have been touched by the caller; make it whole
             raise

@@ -237,17 +237,18 @@ def _check_layers(b: np.ndarray, st: KVState) -> None:
             raise UnsupportedCacheError(f"layer {l} V type/width differs (per-layer KV widths are unsupported)")
 
 
-def new_state(like: KVState, n_cells: int, pos: np.ndarray | None = None) -> KVState:
+def new_state(like: KVState, n_cells: int, pos: np.ndarray | None = None, out: np.ndarray | None = None) -> KVState:
     """A fresh blob with ``like``'s types and layout and ``n_cells`` cells; headers written, K/V data uninitialized.
 
     ``pos``: int32[n_cells] cell positions (written when given).  The K/V views of the result are
-    writable, so kernels fill the new blob in place (no intermediate arrays).
+    writable, so kernels fill the new blob in place (no intermediate arrays).  ``out``: a uint8 buffer to
+    build the blob in when it is large enough (no fresh allocation and first-touch page faults).
     """
     g, N = like.geom, n_cells
     rk = like.k_row_bytes
     vblock = 12 + (g.n_embd_kv * N * TYPES[like.v_type][2] if like.v_trans else N * like.v_row_bytes)
     size = 12 + 4 + 12 * N + 8 + g.n_layer * (12 + N * rk) + g.n_layer * vblock
-    b = np.empty(size, dtype=np.uint8)
+    b = out[:size] if out is not None and out.dtype == np.uint8 and out.nbytes >= size else np.empty(size, np.uint8)
     b[0:4].view(np.uint32)[0] = STATE_MAGIC
     b[4:8].view(np.int32)[0] = like.seq_id
     b[8:12].view(np.uint32)[0] = 1
