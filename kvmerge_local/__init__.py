@@ -26,4 +26,4 @@ def __getattr__(name):
 
 
 def __dir__():
-    return sorted(list(globals()) + ["compress", *_LAZY])
+    return sorted(set(globals()) | {"compress", *_LAZY})

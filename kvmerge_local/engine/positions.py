@@ -21,9 +21,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numba as nb
 import numpy as np
 
 from ..errors import UnsupportedCacheError
+from ..kernels.f16 import load, store
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +117,46 @@ def _f32_to_bf16(x: np.ndarray) -> np.ndarray:
     return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
 
 
+@nb.njit(cache=True, parallel=True)
+def _shift_kernel(k, idx, cos_t, sin_t, neox):  # pragma: no cover - compiled
+    """In place: rotate ``k[l, h, c, :n_rot]`` (uint16 f16 bits or float32, any strides) by the angles of
+    table row ``idx[l, h, c]`` (``cos_t``/``sin_t``: float32[n_delta, n_rot // 2]; -1 = leave alone)."""
+    L, H, N = idx.shape
+    half = cos_t.shape[1]
+    for lh in nb.prange(L * H):
+        l, h = lh // H, lh % H
+        for c in range(N):
+            r = idx[l, h, c]
+            if r < 0:
+                continue
+            for i in range(half):
+                cs, sn = cos_t[r, i], sin_t[r, i]
+                a, b = (i, i + half) if neox else (2 * i, 2 * i + 1)
+                x0, x1 = load(k[l, h, c, a]), load(k[l, h, c, b])
+                k[l, h, c, a] = store(x0 * cs - x1 * sn, k)
+                k[l, h, c, b] = store(x0 * sn + x1 * cs, k)
+
+
+def _shift(rope: RopeParams, k: np.ndarray, delta: np.ndarray) -> None:
+    """Rotate ``k`` ([L, H, N, d] f16 (through its uint16 bits) or f32) in place by int ``delta[L, H, N]``.
+
+    The angles are computed once per delta value in ``[min, max]`` (by :meth:`RopeParams.angles`, as ggml
+    does); deltas are bounded by the context length, so the table is small."""
+    lo, hi = int(delta.min()), int(delta.max())
+    cos_t, sin_t = rope.angles(np.arange(lo, hi + 1))
+    idx = delta.astype(np.int64) - lo
+    idx[delta == 0] = -1
+    kk = k.view(np.uint16) if k.dtype == np.float16 else k
+    _shift_kernel(kk, idx, np.ascontiguousarray(cos_t), np.ascontiguousarray(sin_t), rope.neox)
+
+
 def rerotate_state_keys(st, delta: np.ndarray, rope: RopeParams) -> int:
     """Re-rotate the keys of a :class:`~kvmerge_local.bridge.KVState` in place by ``delta``.
 
     ``delta``: int[n_layer, n_kv_head, n_cells] (new position - current RoPE position of each head's key);
-    cells with delta 0 are left bit-identical.  Handles f32, f16, bf16 and quantized (q8_0/q4_0, with the
-    KV Hadamard rotation) caches.  Returns the number of (layer, head, cell) keys rotated.
+    cells with delta 0 are left bit-identical.  f32 and f16 keys are rotated in place by a Numba kernel
+    (float32 arithmetic, as ggml's in-place RoPE on the cache); bf16 and quantized (q8_0/q4_0, with the KV
+    Hadamard rotation) keys are converted, rotated and converted back.  Returns the number of keys rotated.
     """
     from .. import codec  # noqa: PLC0415 - Numba compiles on first use
 
@@ -128,33 +164,29 @@ def rerotate_state_keys(st, delta: np.ndarray, rope: RopeParams) -> int:
     delta = np.asarray(delta)
     if delta.shape != (L, H, N):
         raise ValueError(f"delta shape {delta.shape} != {(L, H, N)}")
-    d = st.geom.head_dim
     k4 = st.k4
-    nrot = codec.cache_rot_size(st.k_type, d, "k")
-    done = 0
+    done = int(np.count_nonzero(delta))
+    if k4.dtype in (np.float16, np.float32):
+        _shift(rope, k4, delta)
+        return done
+    nrot = codec.cache_rot_size(st.k_type, st.geom.head_dim, "k")
     for l in range(L):
         hs, cs = np.nonzero(delta[l])
         if len(hs) == 0:
             continue
-        dl = delta[l, hs, cs]
-        if k4.dtype == np.float16:
-            x = k4[l, hs, cs].astype(np.float32)
-            k4[l, hs, cs] = rope.rotate(x, dl).astype(np.float16)
-        elif k4.dtype == np.float32:
-            k4[l, hs, cs] = rope.rotate(np.ascontiguousarray(k4[l, hs, cs]), dl)
-        elif k4.dtype == np.uint16:  # bf16 bit patterns
-            x = rope.rotate(np.ascontiguousarray(_bf16_to_f32(k4[l, hs, cs])), dl)
+        dl = delta[l, hs, cs][None, None, :]
+        if k4.dtype == np.uint16:  # bf16 bit patterns
+            x = np.ascontiguousarray(_bf16_to_f32(k4[l, hs, cs]))
+            _shift(rope, x[None, None], dl)
             k4[l, hs, cs] = _f32_to_bf16(x)
-        else:  # quantized head blocks uint8[..., head_bytes]
-            raw = np.ascontiguousarray(k4[l, hs, cs])
-            x = codec.dequantize_rows(raw, st.k_type)
-            if nrot:
-                x = codec.unrotate(x, nrot)
-            rope.rotate(x, dl)
-            if nrot:
-                x = codec.rotate(x, nrot)
-            k4[l, hs, cs] = codec.quantize_rows(np.ascontiguousarray(x), st.k_type)
-        done += len(hs)
+            continue
+        x = codec.dequantize_rows(np.ascontiguousarray(k4[l, hs, cs]), st.k_type)
+        if nrot:
+            x = codec.unrotate(x, nrot)
+        _shift(rope, x[None, None], dl)
+        if nrot:
+            x = codec.rotate(x, nrot)
+        k4[l, hs, cs] = codec.quantize_rows(np.ascontiguousarray(x), st.k_type)
     log.debug("re-rotated %d keys", done)
     return done
 
