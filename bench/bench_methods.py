@@ -56,11 +56,13 @@ def bench_shape(name, L, H, d, N, budget, methods, repeat, v_layout):
     keys, values, evidence = make_cache(L, H, N, d, v_layout)
     nbytes = keys.nbytes + values.nbytes
     m = resolve_budget(budget, N)
-    kc, vc = np.empty_like(keys), np.empty((L, H, N, d), np.float16)
+    # the plain copy moves the same bytes as stored (a transposed V is copied in its own layout)
+    v_raw = values.transpose(0, 1, 3, 2) if v_layout == "transposed" else values
+    kc, vc = np.zeros_like(keys), np.zeros_like(v_raw)
 
     def memcpy():
         np.copyto(kc, keys)
-        np.copyto(vc, values)
+        np.copyto(vc, v_raw)
 
     t_copy = best_of(memcpy, repeat)
     gbs_copy = nbytes / t_copy / 1e9
@@ -71,8 +73,11 @@ def bench_shape(name, L, H, d, N, budget, methods, repeat, v_layout):
     outs = {}  # output buffers by cell count, allocated (and touched) once outside the timings
 
     def buffers(n):
+        """(K out, V out) with n cells; V out in the input's layout (llama.cpp writes V back transposed)."""
         if n not in outs:
-            outs[n] = (np.zeros((L, H, n, d), np.float16), np.zeros((L, H, n, d), np.float16))
+            vo = np.zeros((L, H, d, n), np.float16).transpose(0, 1, 3, 2) if v_layout == "transposed" else \
+                np.zeros((L, H, n, d), np.float16)
+            outs[n] = (np.zeros((L, H, n, d), np.float16), vo)
         return outs[n]
 
     rows = []

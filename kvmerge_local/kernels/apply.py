@@ -18,7 +18,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..plan import Plan
-from .f16 import load, store_row
+from .f16 import load, store, store_row
 from .strided import flat_view, row_offset
 
 log = logging.getLogger(__name__)
@@ -38,13 +38,41 @@ def _copy_source(offsets, w, l, h, j):
     return -1
 
 
+@njit(cache=True)
+def _apply_columns(sflat, sg, dflat, dg, offsets, psrc, w, l, h, copy_from):
+    """One (l, h) when the source's cell axis is contiguous (llama.cpp's transposed V): for each of the
+    d columns, copies and merges read one contiguous run of N cells (cache friendly)."""
+    d, N = sg[8], sg[7]
+    m = dg[7]
+    sb = row_offset(sg, l, h, 0)
+    db = row_offset(dg, l, h, 0)
+    for e in range(d):
+        col = sflat[sb + e * sg[4]:sb + e * sg[4] + N]
+        o = db + e * dg[4]
+        for j in range(m):
+            s = copy_from[j]
+            if s >= 0:
+                dflat[o + j * dg[3]] = col[s]
+                continue
+            acc = np.float32(0.0)
+            first = True
+            for t in range(offsets[l, h, j], offsets[l, h, j + 1]):
+                wt = w[t]
+                if wt != 0.0:
+                    x = wt * load(col[psrc[t]])
+                    acc = x if first else acc + x
+                    first = False
+            dflat[o + j * dg[3]] = store(acc, dflat)
+
+
 @njit(cache=True, parallel=True)
 def apply_plan_kernel(sflat, sg, dflat, dg, offsets, psrc, w):
     """Fill dst from src following the CSR plan (offsets int64[L, H, m+1], psrc int32[nnz], w float32[nnz]).
 
     ``sflat/sg`` and ``dflat/dg``: flat views and geometries (see :mod:`.strided`) of src [L, H, N, d]
     and dst [L, H, m, d], both float32 or both f16 bits (uint16).  Rows are moved with unit-stride loops
-    when the head_dim axis is contiguous, else cell-innermost (transposed V).
+    when the head_dim axis is contiguous, column by column when the cell axis is (transposed V), else
+    with generic strided indexing.
     """
     L, H, d = sg[5], sg[6], sg[8]
     m = dg[7]
@@ -57,6 +85,9 @@ def apply_plan_kernel(sflat, sg, dflat, dg, offsets, psrc, w):
         for j in range(m):
             t = _copy_source(offsets, w, l, h, j)
             copy_from[j] = psrc[t] if t >= 0 else -1
+        if not rows and sg[3] == 1:
+            _apply_columns(sflat, sg, dflat, dg, offsets, psrc, w, l, h, copy_from)
+            continue
         if rows:
             for j in range(m):
                 s = copy_from[j]
