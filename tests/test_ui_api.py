@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 
 import pytest
 
@@ -172,3 +173,29 @@ def test_refused_uploads_say_why(app, docs, model, reference):
     assert answers(chat) == [reference[Q1]]
     with pytest.raises(AppError, match="Pick a saved document"):
         c.predict(None, api_name="/load_document")
+
+
+def test_stop_ends_a_long_answer_early(tiny_llama_small, docs, model):
+    """Stop is not queued behind the running answer (its own concurrency group) and cuts it short; the
+    engine then answers the next question normally."""
+    from kvmerge_local import Session
+
+    long_new = 1500  # about a second of the tiny model's decoding
+    with Session.open(model, n_ctx=2048, n_threads=1) as s:
+        s.ingest(docs["pdf"])
+        full = norm("".join(s.ask(Q1, max_new_tokens=long_new)))
+    assert len(full) > 3000, "the tiny model ends its answer early: nothing to stop"
+    with served_app(tiny_llama_small, docs["dir"] / "saved_stop", n_ctx=2048, max_new_tokens=long_new) as app:
+        c = client(app)
+        c.submit(handle_file(str(docs["pdf"])), model, "kvmerger", 0.5, "f16", 2048,
+                 api_name="/ingest").result(timeout=TIMEOUT)
+        job = c.submit(Q1, api_name="/ask")
+        deadline = time.monotonic() + TIMEOUT
+        while not job.outputs() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        c.predict(api_name="/stop")
+        stopped = answers(job.result(timeout=TIMEOUT)[0])[-1]
+        assert stopped and full.startswith(stopped) and len(stopped) < len(full), (len(stopped), len(full))
+        c.predict(api_name="/new_chat")
+        _, (chat, *_r) = ask(c, Q2)
+        assert answers(chat)[-1] != "" and len(answers(chat)) == 1

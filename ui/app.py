@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,9 @@ log = logging.getLogger(__name__)
 
 ENGINE = dict(concurrency_limit=1, concurrency_id="engine")
 """Event options for every handler that touches the llama context."""
+
+STREAM_EVERY = 0.05
+"""Seconds between two chat updates while an answer streams."""
 
 PHASES = {"prefill": "Reading the document into the cache", "compact": "Merging the cache"}
 
@@ -134,10 +138,13 @@ def build_app(engine_factory: Any = None, *, default_model: str | None = None, l
         history = [(t["q"], t["a"]) for t in client["turns"][:-1]]
         stream = wb.ask(question, conversation=client["conv"], doc_key=client["doc"], history=history,
                         max_new_tokens=max_new_tokens)
+        shown = 0.0
         try:
             for piece in stream:
                 turn["a"] += piece
-                yield _messages(client["turns"]), "", gr.skip(), gr.skip(), gr.skip()
+                if time.monotonic() - shown >= STREAM_EVERY:  # fast models: do not re-send every token
+                    shown = time.monotonic()
+                    yield _messages(client["turns"]), "", gr.skip(), gr.skip(), gr.skip()
         except user_errors as e:
             client["turns"].pop()
             raise gr.Error(str(e)) from None
