@@ -228,3 +228,25 @@ def test_closed_session_and_missing_default(session, monkeypatch, tmp_path):
     session.close()
     with pytest.raises(KVMergeError, match="closed"):
         session.ask("Q?")
+
+
+def test_uncompressed_chunked_ingest_matches_plain_prefill(model_path):
+    """Budget 1.0, no compaction: the session's cache and seam give exactly the logits of a plain llama.cpp
+    prefill of the whole text (document + question) tokenized at once, decoded in the same chunks."""
+    from kvmerge_local.bridge import LlamaContext
+
+    q = "Where does the river run?"
+    with Session.open(model_path, n_ctx=512, budget=1.0, n_threads=2) as s:
+        doc = text_of(200, seed=4)
+        st = s.ingest(doc)
+        chunk = (512 - s.reserve) // 2
+        assert st.n_compactions == 0 and st.tokens_ingested > chunk  # at least two chunks
+        got = s.peek_logits(q)
+        whole = s.model.tokenize(doc + "\n\nQuestion: " + q + "\nAnswer:", add_bos=True)
+        n_doc = st.tokens_ingested
+        ctx = LlamaContext(s.model, n_ctx=512, n_threads=2)
+        for i in range(0, n_doc, chunk):
+            ctx.decode(whole[i:min(i + chunk, n_doc)], logits="none")
+        expect = ctx.decode(whole[n_doc:])
+        ctx.close()
+    np.testing.assert_array_equal(got, expect)
