@@ -3,6 +3,8 @@
 For each cache shape (default: Llama-3-8B-like 32 layers x 8 KV heads x 128 and Llama-2-7B-like
 32 x 32 x 128, 4096 cells, f16) and a 50% budget, times ``method.plan`` and ``apply_plan`` on K and V and
 reports GB/s over the input K+V bytes, next to ``np.copyto`` of the same bytes measured in the same run.
+Columns: wall-clock ms (best of --repeat), GB/s over the input bytes, ratios to memcpy by wall time, and
+"cpu ratio" = memcpy CPU time / method CPU time (with --threads 1 the steadiest figure on a shared machine).
 Keys are an AR(1) walk along the cells (adjacent cosine about 0.8, as the KVMerger paper observes), values
 i.i.d. normal, evidence a random positive vector.
 
@@ -42,14 +44,18 @@ def make_cache(L, H, N, d, v_layout, seed=0):
 
 
 def best_of(fn, repeat):
-    """Minimum wall time of ``repeat`` calls (after one warm-up call)."""
+    """(wall, cpu): minimum wall time and minimum process CPU time of ``repeat`` calls (after a warm-up).
+
+    On a shared machine the CPU time is the steadier figure (it leaves out time spent descheduled).
+    """
     fn()
-    t = []
+    wall, cpu = [], []
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        t.append(time.perf_counter() - t0)
-    return min(t)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return min(wall), min(cpu)
 
 
 def bench_shape(name, L, H, d, N, budget, methods, repeat, v_layout):
@@ -64,12 +70,13 @@ def bench_shape(name, L, H, d, N, budget, methods, repeat, v_layout):
         np.copyto(kc, keys)
         np.copyto(vc, v_raw)
 
-    t_copy = best_of(memcpy, repeat)
+    t_copy, c_copy = best_of(memcpy, repeat)
     gbs_copy = nbytes / t_copy / 1e9
     print(f"\n== {name}: {L} layers x {H} KV heads x {d} dims, {N} cells f16 (V {v_layout}), budget {budget} -> {m} cells,"
           f" K+V {nbytes / 1e9:.2f} GB")
-    print(f"memcpy (np.copyto K+V): {t_copy * 1e3:8.1f} ms  {gbs_copy:6.2f} GB/s")
-    print(f"{'method':20s} {'plan ms':>9s} {'apply ms':>9s} {'total ms':>9s} {'GB/s':>7s} {'total/memcpy':>13s} {'apply/memcpy':>13s}")
+    print(f"memcpy (np.copyto K+V): {t_copy * 1e3:8.1f} ms  {gbs_copy:6.2f} GB/s  (cpu {c_copy * 1e3:.1f} ms)")
+    print(f"{'method':20s} {'plan ms':>9s} {'apply ms':>9s} {'total ms':>9s} {'GB/s':>7s} {'total/memcpy':>13s}"
+          f" {'apply/memcpy':>13s} {'cpu ratio':>10s}")
     outs = {}  # output buffers by cell count, allocated (and touched) once outside the timings
 
     def buffers(n):
@@ -94,12 +101,12 @@ def bench_shape(name, L, H, d, N, budget, methods, repeat, v_layout):
             apply_plan(keys, ko, p, "k")
             apply_plan(values, vo, p, "v")
 
-        t_plan = best_of(plan, repeat)
+        t_plan, c_plan = best_of(plan, repeat)
         buffers(holder["p"].m)
-        t_apply = best_of(apply, repeat)
+        t_apply, c_apply = best_of(apply, repeat)
         tot = t_plan + t_apply
         print(f"{name_m:20s} {t_plan * 1e3:9.1f} {t_apply * 1e3:9.1f} {tot * 1e3:9.1f} {nbytes / tot / 1e9:7.2f}"
-              f" {t_copy / tot:13.2f} {t_copy / t_apply:13.2f}", flush=True)
+              f" {t_copy / tot:13.2f} {t_copy / t_apply:13.2f} {c_copy / (c_plan + c_apply):10.2f}", flush=True)
         rows.append((name_m, t_plan, t_apply))
         holder.clear()
     outs.clear()
@@ -115,9 +122,12 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--methods", default=",".join(k for k in REGISTRY if k != "cam"))
     ap.add_argument("--v-layout", choices=("rows", "transposed"), default="rows")
+    ap.add_argument("--threads", type=int, default=None, help="Numba threads (default: all)")
     args = ap.parse_args(argv)
     import numba
 
+    if args.threads:
+        numba.set_num_threads(args.threads)
     print(f"numba {numba.__version__}, threads {numba.get_num_threads()}, numpy {np.__version__}")
     for s in args.shapes.split(","):
         L, H, d = SHAPES[s]
