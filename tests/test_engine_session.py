@@ -166,6 +166,14 @@ def test_multi_turn_drops_old_turns(model_path):
             assert "".join(gen) is not None
             assert s.stats.cells_in_use <= 256
         assert 1 <= len(s._turns) < 8 and s.stats.doc_cells == doc_cells
+        # dropped turns leave no gaps: the chat cells sit right after the document, turn after turn
+        from kvmerge_local.bridge import _lib
+
+        pos = np.sort(_lib.seq_cells(s.ctx.ptr, 0)[1])
+        doc_end = int(s.book.rope_pos.max()) + 1
+        chat = pos[pos >= doc_end]
+        np.testing.assert_array_equal(chat, np.arange(doc_end, doc_end + len(chat)))
+        assert s._turns[0][0] == doc_end and all(a[1] == b[0] for a, b in zip(s._turns, s._turns[1:]))
         # a stream closed early keeps its partial turn and the session goes on
         g = s.ask("Partial?", max_new_tokens=20)
         next(iter(g), None)
