@@ -50,6 +50,9 @@ def test_upload_ask_and_see_the_answer(browser, tiny_llama_small, tmp_path):
     with served_app(tiny_llama_small, tmp_path / "saved", max_new_tokens=N_NEW) as app:
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(ms)
+        elsewhere: list[str] = []  # a local document app asks nothing of other hosts (fonts, CDNs, telemetry)
+        page.on("request", lambda r: None if r.url.startswith((app.local_url.rstrip("/"), "data:", "blob:"))
+                else elsewhere.append(r.url))
         page.goto(app.local_url)
         page.wait_for_selector("#kvm-gauge :text('No document yet')")
 
@@ -69,6 +72,7 @@ def test_upload_ask_and_see_the_answer(browser, tiny_llama_small, tmp_path):
         assert user.strip() == QUESTION
         assert word in bot, (word, bot)
         assert page.locator("#kvm-question textarea").input_value() == ""
+        assert elsewhere == []
 
         shot = tmp_path / "ui.png"
         page.screenshot(path=str(shot), full_page=True)

@@ -7,7 +7,6 @@ loopback (``kvmerge-local ui``).  Every handler that touches the engine runs in 
 from __future__ import annotations
 
 import logging
-import os
 import time
 import uuid
 from pathlib import Path
@@ -70,7 +69,8 @@ def build_app(engine_factory: Any = None, *, default_model: str | None = None, l
     a model (path or models.txt name).  ``library``: where saved caches live (default ``$KVMERGE_DOCS`` or
     ``~/.cache/kvmerge-local/docs``).  ``defaults``: initial picker values (method, budget, kv_type, n_ctx).
     ``engine_kwargs``: ``Session.open`` keywords for every document (n_gpu_layers, n_threads, flash_attn...).
-    ``max_new_tokens``: the longest answer.  The workbench that owns the engine is ``app.workbench`` (``app.workbench.close()`` frees it).
+    ``max_new_tokens``: the longest answer.  The workbench that owns the engine is ``app.workbench``
+    (``app.workbench.close()`` frees it).
     """
     wb = Workbench(engine_factory, library=library, engine_kwargs=engine_kwargs, max_upload_mb=max_upload_mb)
     base = Settings(**{k: v for k, v in (defaults or {}).items() if k in ("method", "budget", "kv_type", "n_ctx")})
@@ -90,7 +90,7 @@ def build_app(engine_factory: Any = None, *, default_model: str | None = None, l
                 plot_html(snap.coverage, snap.pages, cited))
 
     # ------------------------------------------------------------------------------------------ handlers
-    def on_ingest(file, model, method, budget, kv_type, n_ctx, client, progress=gr.Progress()):
+    def on_ingest(file, model, method, budget, kv_type, n_ctx, progress=gr.Progress()):
         if not file:
             raise gr.Error("Choose a PDF, TXT or MD file first.")
         path = Path(file)
@@ -108,7 +108,7 @@ def build_app(engine_factory: Any = None, *, default_model: str | None = None, l
         gauge, plot = view()
         return (note, gr.update(choices=doc_choices(), value=doc.key), gauge, plot, [], client)
 
-    def on_load(key, client):
+    def on_load(key):
         if not key:
             raise gr.Error("Pick a saved document first.")
         try:
@@ -151,7 +151,7 @@ def build_app(engine_factory: Any = None, *, default_model: str | None = None, l
         finally:
             stream.close()
         if not turn["a"].strip():
-            turn["a"] = turn["a"] or "(no answer)"
+            turn["a"] = "(no answer)"
         snap = wb.snapshot
         if client["doc"] is None and snap.doc is not None:
             client["doc"] = snap.doc.key
@@ -217,11 +217,11 @@ def build_app(engine_factory: Any = None, *, default_model: str | None = None, l
                     plot = gr.HTML(plot_html(None, []), elem_id="kvm-plot")
 
         ingest_outputs = [status, docs, gauge, plot, chatbot, client]
-        ingest_inputs = [file, model, method, budget, kv_type, n_ctx, client]
+        ingest_inputs = [file, model, method, budget, kv_type, n_ctx]
         progress_at = dict(show_progress_on=[gauge])  # one progress bar, over the gauge
         ingest_btn.click(on_ingest, ingest_inputs, ingest_outputs, api_name="ingest", **progress_at, **ENGINE)
         file.upload(on_ingest, ingest_inputs, ingest_outputs, api_visibility="private", **progress_at, **ENGINE)
-        load_btn.click(on_load, [docs, client], ingest_outputs, api_name="load_document", **progress_at, **ENGINE)
+        load_btn.click(on_load, [docs], ingest_outputs, api_name="load_document", **progress_at, **ENGINE)
         forget_btn.click(on_forget, [docs], [status, docs], api_name="forget", **ENGINE)
         gr.on([question.submit, ask_btn.click], on_ask, [question, client],
               [chatbot, question, gauge, plot, client], api_name="ask", show_progress="minimal", **ENGINE)
@@ -253,7 +253,6 @@ def launch(model: str | None = None, host: str = "127.0.0.1", port: int | None =
     engine_kwargs = {k: v for k, v in kw.items() if k in ENGINE_DEFAULTS and v is not None}
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: anyone who can reach it can read your documents", host)
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     app = build_app(engine_factory, default_model=model, library=Library(docs_dir), max_upload_mb=max_upload_mb,
                     defaults=defaults, engine_kwargs=engine_kwargs, max_new_tokens=max_new_tokens)
     app.queue(default_concurrency_limit=1)
