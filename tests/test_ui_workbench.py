@@ -78,6 +78,18 @@ def test_ingest_saves_the_cache_and_reloads_it(bench, pdf, reference, tmp_path):
     assert wb.snapshot.stats["t_prefill"] > 0  # the original ingestion's times are kept
 
 
+def test_an_unusable_saved_cache_is_replaced_by_a_new_ingestion(bench, pdf, reference):
+    wb, settings = bench
+    doc, _ = wb.ingest(pdf, settings)
+    data = doc.cache_path.read_bytes()
+    doc.cache_path.write_bytes(data[: len(data) // 2])  # truncated on disk
+    wb.close()
+    again, note = wb.ingest(pdf, settings)
+    assert again.key == doc.key and note.startswith("ingested lighthouse.pdf") and "could not be used" in note
+    assert doc.cache_path.stat().st_size > 0.9 * len(data)  # saved again, whole
+    assert ask(wb, "Who kept the log?", "tab") == reference["q1"]
+
+
 def test_a_refused_upload_leaves_the_current_document(bench, pdf, reference, tmp_path):
     wb, settings = bench
     wb.ingest(pdf, settings)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from kvmerge_local.errors import KVMergeError
+
 from .choices import Settings
 from .documents import check_upload
 from .library import Library, SavedDoc
@@ -103,9 +105,14 @@ class Workbench:
         document = load_document(path)
         digest = document.sha256
         saved = self.library.find(digest, settings)
+        stale = ""
         if saved is not None:
-            doc, note = self.load(saved.key)
-            return doc, f"{name} was ingested before with these settings: {note}"
+            try:
+                doc, note = self.load(saved.key)
+                return doc, f"{name} was ingested before with these settings: {note}"
+            except KVMergeError as e:  # corrupt, or made with a model file that has changed since
+                log.warning("saved cache of %s unusable, ingesting again: %s", name, e)
+                stale = f" (its saved cache could not be used: {e})"
         with self._lock:
             self._end_stream()
             self._close_session()
@@ -130,7 +137,7 @@ class Workbench:
             try:
                 doc = self.library.save(session, name=name, digest=digest, settings=settings, stats=stats_d,
                                         pages=pages)
-                note = f"ingested {name} in {took:.1f} s; its compressed cache is saved for next time."
+                note = f"ingested {name} in {took:.1f} s; its compressed cache is saved for next time{stale}."
             except OSError as e:
                 log.warning("could not save the cache of %s: %s", name, e)
                 doc = SavedDoc(key=self.library.key_for(digest, settings), name=name, digest=digest,
