@@ -19,7 +19,10 @@ from .errors import KVMergeError
 
 log = logging.getLogger(__name__)
 
-DEMO_QUESTION = "What is this document about, and what is on page 2?"
+DEMO_QUESTION = "What is the special magic word for water?"
+#: With a raw-text model (the embedded default), the question is asked in the layout that model was trained
+#: on, answer cue included (kvmerge_local/train/data.py); chat models get DEMO_QUESTION in their template.
+DEMO_RAW_PROMPT = "\n\nQuestion: What is the special magic word for water?\nAnswer: The special magic word for water is"
 
 
 def _budget(s: str):
@@ -198,9 +201,10 @@ def cmd_demo(a) -> int:
         with Session.open(model, n_ctx=a.n_ctx, method="kvmerger", budget=0.5, n_threads=a.threads) as s:
             st = _ingest(s, pdf, a.quiet)
             print(f"document: {pdf.name}, {len(s.pages)} pages, {st.tokens_ingested} tokens")
-            print(f"question: {DEMO_QUESTION}")
-            print("answer: ", end="", flush=True)
-            for piece in s.ask(DEMO_QUESTION, max_new_tokens=a.max_new_tokens):
+            print(f"question: {DEMO_QUESTION} (the sample says, on page 2: mill)")
+            raw = s.fmt.name == "raw"
+            print("answer: " + ("The special magic word for water is " if raw else ""), end="", flush=True)
+            for piece in s.ask(DEMO_RAW_PROMPT if raw else DEMO_QUESTION, max_new_tokens=a.max_new_tokens, raw=raw):
                 print(piece, end="", flush=True)
             print()
             st = s.stats

@@ -111,14 +111,18 @@ def load_registry(path: str | os.PathLike | None = None) -> dict[str, ModelEntry
     return out
 
 
+DEFAULT_MODEL_FILE = "kvmerge-tiny.gguf"
+
+
 def default_model() -> Path:
-    """The embedded default model (``kvmerge_local/data/*.gguf``, the vocab-only file excluded)."""
+    """The embedded default model: ``kvmerge_local/data/kvmerge-tiny.gguf`` (written by
+    ``kvmerge_local.train.export``), else any other model GGUF there (the vocab-only file excluded)."""
     found = sorted(p for p in DATA_DIR.glob("*.gguf") if p.name not in _NON_MODELS)
     if not found:
-        raise ModelError(f"no embedded default model: expected a trained GGUF model in {DATA_DIR}/ (for example "
-                         f"{DATA_DIR / 'default.gguf'}; it ships with the benchmark issue). Pass a model path "
-                         "or a models.txt name (see `kvmerge-local models` and `kvmerge-local pull NAME`)")
-    pref = [p for p in found if p.stem.startswith("default")]
+        raise ModelError(f"no embedded default model: {DATA_DIR / DEFAULT_MODEL_FILE} is missing (the trained "
+                         "tiny model ships with the benchmark/training issue). Pass a model path or a models.txt "
+                         "name (see `kvmerge-local models` and `kvmerge-local pull NAME`)")
+    pref = [p for p in found if p.name == DEFAULT_MODEL_FILE]
     return (pref or found)[0]
 
 

@@ -1,7 +1,9 @@
 """Generate kvmerge_local/data/sample.pdf, the demo document (run once; the PDF is committed).
 
 Needs fpdf2 (``pip install fpdf2``), which is only a tool for this script, not a runtime dependency.
-Three pages of a fictional report with facts on each page, so questions can cite pages.
+Three pages of a fictional report with facts on each page, so questions can cite pages.  Page 2 also
+holds one fact in the form the embedded default model was trained to retrieve (kvmerge_local/train/data.py:
+"The special magic word for KEY is VALUE.", KEY and VALUE single tokens of its vocabulary).
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ PAGES = [
      "records. Dissolved oxygen near the bottom fell below 4 milligrams per litre at three of the twelve "
      "stations in late August, which is stressful for trout. The trout count itself, made with nets in "
      "September, found 312 fish, down from 355 in 2023. Acidity stayed normal all season, between pH 7.1 "
-     "and pH 7.6."),
+     "and pH 7.6. For the station archive, the team wrote one line in the log: The special magic word for "
+     "water is mill."),
     ("Recommendations",
      "The report makes three recommendations. First, a strip of reeds and willows ten metres wide should be "
      "planted along the drainage ditch from Hallow Farm, to catch phosphate before it reaches the Corrin "

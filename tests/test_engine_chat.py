@@ -62,6 +62,8 @@ def test_raw_format_seam_and_later_turns(raw_model):
         got = s._question_tokens(q)
         np.testing.assert_array_equal(whole[-len(got):], got)
         assert len(_joint(s, DOC)) + len(got) == len(whole)
+        cue = "\n\nQuestion: Who kept the log?\nAnswer: The keeper was"
+        np.testing.assert_array_equal(s._question_tokens(cue, raw=True), _joint(s, DOC + cue)[len(_joint(s, DOC)):])
         "".join(s.ask(q, max_new_tokens=4))
         t2 = s._question_tokens("And the keeper?")
         assert len(t2) > 0 and t2[0] != s.model.tokenize("\n")[0]  # no spurious leading space token

@@ -42,9 +42,16 @@ class Conversation:
         self._active = None
 
     # --- tokens ----------------------------------------------------------------------------------------
-    def _question_tokens(self, q: str) -> np.ndarray:
-        """int32[n]: what goes into the cache before the answer (pending token, separators, question)."""
+    def _question_tokens(self, q: str, raw: bool = False) -> np.ndarray:
+        """int32[n]: what goes into the cache before the answer (pending token, separators, question).
+
+        ``raw``: ``q`` is text that continues the cache exactly as given (no template; seam rule applies)."""
         fmt, m = self.fmt, self.model
+        if raw:
+            pre = [t for t in self._pending if not m.is_eog(t)] if self._turns else []
+            tail, last = (self._chat_tail, self._chat_last) if self._turns else (self._doc_tail, self._doc_last)
+            body = continue_tokens(m, tail, last, q) if (tail or self._doc_cells) else m.tokenize(q, add_bos=True)
+            return np.concatenate([np.asarray(pre, np.int32), body]).astype(np.int32)
         if not self._turns:
             if self._doc_cells:
                 return continue_tokens(m, self._doc_tail, self._doc_last, fmt.first.format(q=q))
@@ -78,10 +85,12 @@ class Conversation:
             self._pending, self._chat_tail, self._chat_last = [], "", None
         log.info("dropped chat turn %d (%d cells) to make room", i, d)
 
-    def _fit(self, q: str, max_new: int) -> tuple[np.ndarray, int]:
+    def _fit(self, q: str, max_new: int, raw: bool = False) -> tuple[np.ndarray, int]:
         """Question tokens and the answer length that fit, dropping old turns as needed."""
         while True:
-            toks = self._question_tokens(q)
+            toks = self._question_tokens(q, raw)
+            if len(toks) == 0:
+                raise ValueError("the question adds no tokens")
             free = self.ctx.n_ctx - self._cells_in_use()
             if len(toks) + max_new <= free:
                 return toks, max_new
@@ -95,11 +104,13 @@ class Conversation:
             self._drop_turn(1 if len(self._turns) > 1 else 0)
 
     # --- public ----------------------------------------------------------------------------------------
-    def ask(self, question: str, *, max_new_tokens: int = 256, temperature: float = 0.0):
+    def ask(self, question: str, *, max_new_tokens: int = 256, temperature: float = 0.0, raw: bool = False):
         """Stream the answer to ``question`` as text pieces (an iterator of str).
 
-        Greedy by default; ``temperature > 0`` samples with the session's seeded generator.  Raises
-        ValueError for an empty question or bad limits (before anything changes).
+        Greedy by default; ``temperature > 0`` samples with the session's seeded generator.  ``raw=True``
+        skips the chat template: ``question`` is appended to the cache exactly as given (for prompts with
+        an answer cue, as in the benchmark's tasks).  Raises ValueError for an empty question or bad
+        limits (before anything changes).
         """
         if not isinstance(question, str) or not question.strip():
             raise ValueError("question must be a non-empty string")
@@ -109,20 +120,20 @@ class Conversation:
             raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
         self._check_open()
         self._close_active()
-        q = question.strip()
-        toks, n_new = self._fit(q, int(max_new_tokens))
-        gen = self._generate(q, toks, n_new, float(temperature))
+        q = question if raw else question.strip()
+        toks, n_new = self._fit(q, int(max_new_tokens), raw)
+        gen = self._generate(q, toks, n_new, float(temperature), raw)
         self._active = gen
         return gen
 
-    def peek_logits(self, question: str) -> np.ndarray:
+    def peek_logits(self, question: str, *, raw: bool = False) -> np.ndarray:
         """float32[n_vocab]: next-token logits after ``question`` (as :meth:`ask` would see them); the
         cache is left unchanged."""
         if not isinstance(question, str) or not question.strip():
             raise ValueError("question must be a non-empty string")
         self._check_open()
         self._close_active()
-        toks, _ = self._fit(question.strip(), 1)
+        toks, _ = self._fit(question if raw else question.strip(), 1, raw)
         p0 = self.ctx.n_past
         try:
             return self._decode_tokens(toks)
@@ -158,15 +169,17 @@ class Conversation:
         p = np.exp(z - z.max())
         return int(self._rng.choice(len(p), p=p / p.sum()))
 
-    def _generate(self, q: str, toks: np.ndarray, n_new: int, temperature: float):
+    def _generate(self, q: str, toks: np.ndarray, n_new: int, temperature: float, raw: bool = False):
         p_start = self.ctx.n_past
         saved = (list(self._turns), list(self._pending), self._chat_tail, self._chat_last)
         dec = codecs.getincrementaldecoder("utf-8")("replace")
         filt = StopFilter(self.fmt.stop)
-        raw, undecoded, n_gen, last_decoded = [], None, 0, int(toks[-1])
+        decoded_text, undecoded, n_gen, last_decoded = [], None, 0, int(toks[-1])
         committed = []
         t0 = time.perf_counter()
-        if self._turns:
+        if raw:
+            text = q
+        elif self._turns:
             text = self.fmt.turn.format(q=q)
         else:
             text = (self.fmt.first if self._doc_cells else self.fmt.solo).format(q=q)
@@ -177,7 +190,7 @@ class Conversation:
             committed.append(True)
             self._turns.append((p_start, self.ctx.n_past))
             self._pending = [undecoded] if undecoded is not None else []
-            self._chat_tail = (self._chat_tail + text + "".join(raw))[-TAIL_CHARS:]
+            self._chat_tail = ((self._chat_tail or self._doc_tail) + text + "".join(decoded_text))[-TAIL_CHARS:]
             keep = undecoded is not None and not self.model.is_eog(undecoded)
             self._chat_last = undecoded if keep else last_decoded
             self._t_decode += time.perf_counter() - t0
@@ -193,7 +206,7 @@ class Conversation:
                 if self.model.is_eog(tok):
                     break
                 piece = dec.decode(self.model.piece(tok))
-                raw.append(piece)
+                decoded_text.append(piece)
                 out, stop = filt.push(piece)
                 if out:
                     yield out
