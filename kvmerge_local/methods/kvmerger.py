@@ -30,11 +30,12 @@ class KVMerger(Method):
        while ``s_i > epsilon``, then evict the lowest-evidence sets / split the least similar merges to
        get exactly ``m``) or ``mode="budget"`` (adjacency-constrained agglomerative clustering to ``m``;
        ``refuse_below_epsilon`` stops at ``epsilon`` and evicts instead).  See kernels/cluster.py.
-    4. Pivot = the member with the largest evidence (ties: newest); the slot carries its position.
+    4. Pivot = the member with the largest evidence (ties: newest) -- the paper's attention pivot.
     5. Gaussian kernel weights ``g_i = exp(-||k_p - k_i||^2 / (2 sigma^2))``, ``w_i = g_i / sum g``;
        ``sigma`` a float (paper's ablation: about 5 for Llama-2-7B) or "rms"
        (``sigma^2 = mean_S ||k_p - k_i||^2``, scale free).
     6. ``k_hat = sum w_i k_i``; ``v_hat = sum w_i v_i``, times ``|S|`` when ``value_scale="size"``.
+    7. The slot carries the pivot's position.
     8. ``skip_layers``: layers (negative = from the end; the paper's broad-attention layers are
        ``(0, 1, -1)``) use SnapKV selection with the same window instead of merging.
 
@@ -133,7 +134,8 @@ class KVMerger(Method):
         wv = np.empty(nnz, np.float32)
         pos = np.empty((L, H, m), np.int32)
         sigma = 0.0 if self.sigma == "rms" else float(self.sigma)
-        gaussian_runs_fill(*flat_view(keys, "keys"), ev, positions, start, end, sigma, self.sigma == "rms", self.value_scale == "size", offsets, src, wk, wv, pos)
+        gaussian_runs_fill(*flat_view(keys, "keys"), ev, positions, start, end, sigma, self.sigma == "rms",
+                           self.value_scale == "size", offsets, src, wk, wv, pos)
         return Plan(n_in=N, offsets=offsets, src=src, wk=wk, wv=wv, pos=pos)
 
 
