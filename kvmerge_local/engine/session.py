@@ -12,7 +12,8 @@ When the next chunk would not fit in ``n_ctx - reserve`` cells (``reserve`` = ro
 answer: ``n_ctx / 4`` clamped to [16, 512]), the cache is compacted to ``min(budget of the tokens so far,
 room left for the chunk)``; at the end to the budget of the whole document.  Positions: ``keep`` leaves the
 original (pivot) positions, ``reindex`` renumbers the cells 0..m-1 at every compaction (keys re-rotated per
-head), ``auto`` re-indexes when the positions would otherwise pass the model's trained context.
+head), ``auto`` re-indexes at a compaction when the next chunk (and the reserve) would otherwise pass the
+model's trained context.
 """
 from __future__ import annotations
 
@@ -229,7 +230,7 @@ class Session(Conversation, Persistence):
         while i < n:
             part = toks[i:i + chunk]
             if self.book.n + len(part) > cap:
-                self._compact_to(self._target(i, cap - len(part)), n - i, ev_on)
+                self._compact_to(self._target(i, cap - len(part)), len(part), ev_on)
                 report(i, "compact")
             t0 = time.perf_counter()
             p0 = self.ctx.n_past
@@ -246,13 +247,16 @@ class Session(Conversation, Persistence):
             log.warning("positions reach %d, past the model's trained context %d (position_policy=%s)",
                         self.ctx.n_past, self.n_ctx_train, self.position_policy)
 
-    def _compact_to(self, m: int, remaining: int, ev_on: bool) -> None:
+    def _compact_to(self, m: int, upcoming: int, ev_on: bool) -> None:
+        """Compact to ``m`` cells; ``auto`` re-indexes only when the ``upcoming`` tokens (the next chunk, or
+        nothing at the end) plus the question/answer reserve would pass the trained context -- as late as
+        possible, so recent text keeps its true distances to the question."""
         if self.position_policy == "reindex":
             reindex = True
         elif self.position_policy == "keep":
             reindex = False
         else:
-            reindex = self.ctx.n_past + remaining + self.reserve > self.n_ctx_train
+            reindex = self.ctx.n_past + upcoming + self.reserve > self.n_ctx_train
         self.book, res = compact(self.bridge, self.method, self.book, m, reindex=reindex,
                                  rope=self.rope if reindex else None, evidence_on=ev_on)
         self._t_compact += res.seconds
