@@ -169,3 +169,14 @@ def test_history_is_carried_when_the_session_lost_it():
     assert _with_history("Why?", []) == "Why?"
     q = _with_history("And then?", [("Who?", "Mara."), ("Where?", "")])
     assert q == "Earlier in this conversation:\nQ: Who?\nA: Mara.\n\nNow: And then?"
+
+
+def test_chat_messages_carry_page_citations_apart_from_the_answer():
+    from ui.app import _messages
+
+    turns = [{"q": "Who?", "a": "Mara, see page 2.", "cited": [2], "cite": "- page 2: tokens 10–19"},
+             {"q": "Why?", "a": "", "cited": [], "cite": ""}]
+    msgs = _messages(turns)
+    assert [m["role"] for m in msgs] == ["user", "assistant", "assistant", "user", "assistant"]
+    assert msgs[2]["metadata"] == {"title": "Pages cited: 2"} and msgs[2]["content"].startswith("- page 2")
+    assert msgs[4]["content"] == "…"  # an answer still on its way

@@ -128,9 +128,10 @@ def test_stop_and_abandoned_streams_leave_the_engine_consistent(bench, pdf, refe
     wb.ingest(pdf, settings)
     stream = wb.ask("Who kept the log?", conversation="A", max_new_tokens=N_NEW)
     first = next(stream)
-    wb.request_stop("A")
+    assert wb.request_stop("A") and not wb.request_stop("nobody")
     rest = list(stream)
     assert rest == [] and reference["q1"].startswith(first)
+    assert not wb.request_stop("A")  # finished: nothing left to stop, nothing kept per conversation
 
     # A stream abandoned mid-answer (closed tab, cancelled event) is closed by the next request.
     abandoned = wb.ask("Who kept the log?", conversation="B", max_new_tokens=N_NEW)

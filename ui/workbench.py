@@ -167,8 +167,7 @@ class Workbench:
         turns of this conversation, used only when the session no longer holds them.  Stops early when
         :meth:`request_stop` is called for the conversation.
         """
-        stop = self._stops.setdefault(conversation, threading.Event())
-        stop.clear()
+        stop = self._stops[conversation] = threading.Event()
         token = object()
         with self._lock:
             self._end_stream()
@@ -194,14 +193,19 @@ class Workbench:
                         break
                 yield piece
         finally:
+            if self._stops.get(conversation) is stop:
+                del self._stops[conversation]
             with self._lock:
                 if self._stream is not None and self._stream[0] is token:
                     self._end_stream()
                     self._refresh("")
 
-    def request_stop(self, conversation: str) -> None:
-        """Ask the running answer of ``conversation`` to stop after its current piece."""
-        self._stops.setdefault(conversation, threading.Event()).set()
+    def request_stop(self, conversation: str) -> bool:
+        """Ask the running answer of ``conversation`` to stop after its current piece (False: none runs)."""
+        stop = self._stops.get(conversation)
+        if stop is not None:
+            stop.set()
+        return stop is not None
 
     def forget(self, key: str) -> bool:
         """Delete a saved cache (the engine keeps its current document even if it is this one)."""
