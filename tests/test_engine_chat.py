@@ -78,8 +78,10 @@ def test_question_without_document(raw_model):
 
 def test_format_override_and_name_detection(raw_model):
     class Fake:
-        def __init__(self, name):
-            self.name = name
+        def __init__(self, name, file="model.gguf"):
+            from pathlib import Path
+
+            self.name, self.path = name, Path(file)
 
         def meta(self, key):
             return self.name if key == "general.name" else None
@@ -87,6 +89,8 @@ def test_format_override_and_name_detection(raw_model):
     assert detect_format(Fake("LLaMA v2 chat")).name == "raw"
     assert detect_format(Fake("llama-2-7b-chat")).name == "llama2"
     assert detect_format(Fake("Mistral-7B-Instruct-v0.2")).name == "mistral"
+    assert detect_format(Fake("LLaMA v2", "llama-2-13b-chat.Q5_K_M.gguf")).name == "llama2"
+    assert detect_format(Fake("LLaMA v2", "llama-2-13b.Q5_K_M.gguf")).name == "raw"
     assert detect_format(Fake("x"), "mistral") is FORMATS["mistral"]
     with pytest.raises(ValueError, match="unknown chat format"):
         detect_format(Fake("x"), "chatml")

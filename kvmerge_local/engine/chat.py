@@ -66,8 +66,8 @@ FORMATS: dict[str, ChatFormat] = {
 
 def detect_format(model, override: str | None = None) -> ChatFormat:
     """The chat format of a loaded model: ``override`` if given, else from ``tokenizer.chat_template``
-    (``<<SYS>>`` -> llama2, ``[INST]`` -> mistral), else from ``general.name`` (Llama-2 *chat* ->
-    llama2, Mistral *instruct* -> mistral), else ``raw``."""
+    (``<<SYS>>`` -> llama2, ``[INST]`` -> mistral), else from ``general.name`` and the file name
+    (Llama-2 *chat* -> llama2, Mistral *instruct* -> mistral), else ``raw``."""
     if override is not None:
         if override not in FORMATS:
             raise ValueError(f"unknown chat format {override!r}; known: {', '.join(FORMATS)}")
@@ -81,7 +81,9 @@ def detect_format(model, override: str | None = None) -> ChatFormat:
         log.warning("chat template of %s is not a supported format (llama2, mistral); using raw text",
                     model.path.name)
         return FORMATS["raw"]
-    name = (model.meta("general.name") or "").lower().replace("_", "-")
+    # TheBloke's Llama-2 GGUFs carry no template and general.name "LLaMA v2": look at the file name too
+    path = getattr(model, "path", None)
+    name = f"{model.meta('general.name') or ''} {path.name if path is not None else ''}".lower().replace("_", "-")
     if ("llama-2" in name or "llama2" in name) and "chat" in name:
         return FORMATS["llama2"]
     if "mistral" in name and "instruct" in name:
