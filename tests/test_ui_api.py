@@ -7,6 +7,8 @@ import threading
 import time
 
 import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
 
 from test_ui_support import STORY, TIMEOUT, answers, make_pdf, norm, served_app, text_of
 
@@ -14,9 +16,6 @@ pytestmark = [pytest.mark.llama, pytest.mark.slow,
               pytest.mark.filterwarnings("ignore:unclosed event loop:ResourceWarning"),  # Gradio's server threads
               pytest.mark.filterwarnings("ignore:::gradio.queueing")]  # pandas deprecations inside Gradio
 
-gradio_client = pytest.importorskip("gradio_client")
-from gradio_client import Client, handle_file  # noqa: E402
-from gradio_client.exceptions import AppError  # noqa: E402
 
 N_NEW = 16
 N_CTX = 1024
@@ -142,12 +141,19 @@ def test_saved_documents_reload_and_list(app, docs, model, reference):
     status, doc_list, gauge, *_ = ingest(c, note, model)
     assert "ingested note.md" in status and len(doc_list["choices"]) >= 2
     assert "1 page" not in gauge  # plain text has no pages
+    note_key = doc_list["value"]
 
     status, doc_list, gauge, plot, chat = c.predict(pdf_key, api_name="/load_document")
     assert re.search(r"loaded lighthouse\.pdf from its saved cache in \d+ ms", status), status
     assert doc_list["value"] == pdf_key and ">p2<" in plot and chat == []
     _, (chat, *_r) = ask(c, Q1)
     assert answers(chat) == [reference[Q1]]
+
+    status, doc_list = c.predict(note_key, api_name="/forget")
+    assert status == "Saved cache deleted." and note_key not in [k for _, k in doc_list["choices"]]
+    assert pdf_key in [k for _, k in doc_list["choices"]]
+    with pytest.raises(AppError, match="no longer on disk|not in the list of choices"):
+        c.predict(note_key, api_name="/load_document")
 
 
 def test_refused_uploads_say_why(app, docs, model, reference):
