@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from kvmerge_local.errors import KVMergeError
 from test_ui_support import STORY, make_pdf
 from ui.choices import Settings
 from ui.documents import UploadError
@@ -101,6 +102,8 @@ def test_a_refused_upload_leaves_the_current_document(bench, pdf, reference, tmp
     make_pdf(blank, [""])
     with pytest.raises(ValueError, match="no extractable text"):
         wb.ingest(blank, settings)
+    with pytest.raises(KVMergeError, match="no-such-model"):
+        wb.ingest(pdf, Settings(model="no-such-model"))
     assert wb.current_doc.name == "lighthouse.pdf"
     assert ask(wb, "Who kept the log?", "tab") == reference["q1"]
 

@@ -184,7 +184,8 @@ def build_app(engine_factory: Any = None, *, default_model: str | None = None, l
                                height=120, elem_id="kvm-file")
                 with gr.Accordion("Model and compression", open=True):
                     model = gr.Dropdown(models, value=default_model or models[0][1], label="Model",
-                                        allow_custom_value=False, elem_id="kvm-model")
+                                        info="or type a GGUF path or a models.txt name",
+                                        allow_custom_value=True, elem_id="kvm-model")
                     method = gr.Dropdown(methods, value=base.method, label="Compression method",
                                          info="kvmerger merges similar neighbouring tokens; full keeps all",
                                          elem_id="kvm-method")

@@ -93,16 +93,18 @@ class Workbench:
                progress: ProgressFn | None = None) -> tuple[SavedDoc, str]:
         """Validate, then ingest ``path`` with ``settings`` — or reload its saved cache when one exists.
 
-        The file is read (and refused with the engine's DocumentError: empty, encrypted, scanned...) before
-        the current document is let go.  Returns the document and a note for the user.  Raises UploadError
+        The file is read (and refused with the engine's DocumentError: empty, encrypted, scanned...) and the
+        model looked up (ModelError) before the current document is let go.  Returns the document and a note for the user.  Raises UploadError
         for a refused upload and the engine's errors (KVMergeError, ValueError) for the rest.
         """
         from kvmerge_local.engine.documents import load_document
+        from kvmerge_local.models import resolve_model
 
         path = Path(path)
         name = name or path.name
         check_upload(path, max_mb=self.max_upload_mb, display_name=name)
         document = load_document(path)
+        resolve_model(settings.model)  # a missing model is reported before the current document is let go
         digest = document.sha256
         saved = self.library.find(digest, settings)
         stale = ""
