@@ -30,6 +30,7 @@ ProgressFn = Callable[[int, int, str], None]
 ENGINE_DEFAULTS = ("n_gpu_layers", "n_threads", "flash_attn", "seed", "position_policy", "method_params")
 """``Session.open`` arguments set once for the whole app (from ``launch``), not per document."""
 
+LOCK_WAIT_CLEANUP = 10.0
 HISTORY_TURNS = 3
 HISTORY_CHARS = 1500
 
@@ -63,7 +64,9 @@ class Workbench:
         self.library = library or Library()
         self.engine_kwargs = dict(engine_kwargs or {})
         self.max_upload_mb = max_upload_mb
-        self._lock = threading.Lock()
+        # Re-entrant: a dropped answer generator may be finalized by the garbage collector inside a locked
+        # section of the same thread (its cleanup then finds nothing of its own to do).
+        self._lock = threading.RLock()
         self._session = None
         self._doc: SavedDoc | None = None
         self._conversation: str | None = None
@@ -197,10 +200,15 @@ class Workbench:
         finally:
             if self._stops.get(conversation) is stop:
                 del self._stops[conversation]
-            with self._lock:
-                if self._stream is not None and self._stream[0] is token:
-                    self._end_stream()
-                    self._refresh("")
+            # Bounded wait: never block a thread forever in cleanup; if the engine is busy, the next
+            # operation closes this stream as an abandoned one.
+            if self._lock.acquire(timeout=LOCK_WAIT_CLEANUP):
+                try:
+                    if self._stream is not None and self._stream[0] is token:
+                        self._end_stream()
+                        self._refresh("")
+                finally:
+                    self._lock.release()
 
     def request_stop(self, conversation: str) -> bool:
         """Ask the running answer of ``conversation`` to stop after its current piece (False: none runs)."""
