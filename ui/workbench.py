@@ -97,8 +97,9 @@ class Workbench:
         """Validate, then ingest ``path`` with ``settings`` — or reload its saved cache when one exists.
 
         The file is read (and refused with the engine's DocumentError: empty, encrypted, scanned...) and the
-        model looked up (ModelError) before the current document is let go.  Returns the document and a note for the user.  Raises UploadError
-        for a refused upload and the engine's errors (KVMergeError, ValueError) for the rest.
+        model looked up (ModelError) before the current document is let go.  Returns the document and a note
+        for the user.  Raises UploadError for a refused upload and the engine's errors (KVMergeError,
+        ValueError) for the rest.
         """
         from kvmerge_local.engine.documents import load_document
         from kvmerge_local.models import resolve_model
@@ -174,20 +175,20 @@ class Workbench:
         """
         stop = self._stops[conversation] = threading.Event()
         token = object()
-        with self._lock:
-            self._end_stream()
-            if self._doc is None and doc_key is None:
-                raise NoDocumentError("No document yet: drop a PDF, TXT or MD file, or load a saved one.")
-            if doc_key is not None and (self._doc is None or self._doc.key != doc_key or self._session is None):
-                self._load_locked(doc_key)
-            prompt = question
-            if self._conversation != conversation:
-                self._session.reset_chat()
-                prompt = _with_history(question, history or [])
-                self._conversation = conversation
-            it = iter(self._session.ask(prompt, max_new_tokens=max_new_tokens, temperature=temperature))
-            self._stream = (token, it)
         try:
+            with self._lock:
+                self._end_stream()
+                if self._doc is None and doc_key is None:
+                    raise NoDocumentError("No document yet: drop a PDF, TXT or MD file, or load a saved one.")
+                if doc_key is not None and (self._doc is None or self._doc.key != doc_key or self._session is None):
+                    self._load_locked(doc_key)
+                prompt = question
+                if self._conversation != conversation:
+                    self._session.reset_chat()
+                    prompt = _with_history(question, history or [])
+                    self._conversation = conversation
+                it = iter(self._session.ask(prompt, max_new_tokens=max_new_tokens, temperature=temperature))
+                self._stream = (token, it)
             while not stop.is_set():
                 with self._lock:
                     if self._stream is None or self._stream[0] is not token:
