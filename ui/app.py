@@ -14,6 +14,8 @@ from typing import Any
 
 import gradio as gr
 
+from kvmerge_local.errors import KVMergeError
+
 from .choices import N_CTX_CHOICES, Settings, kv_type_choices, method_choices, model_choices
 from .documents import DEFAULT_MAX_MB, UploadError, suffixes
 from .library import Library
@@ -36,10 +38,8 @@ INTRO = ("### kvmerge-local — chat with a long document\n"
          "cache still holds evidence.")
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from kvmerge_local.errors import KVMergeError
-
-    return (UploadError, KVMergeError, ValueError, FileNotFoundError)
+USER_ERRORS = (UploadError, KVMergeError, ValueError, FileNotFoundError)
+"""Errors shown to the person as they are (the engine's messages say what to do)."""
 
 
 def _new_client(doc: str | None = None) -> dict[str, Any]:
@@ -78,7 +78,6 @@ def build_app(engine_factory: Any = None, *, default_model: str | None = None, l
     methods = method_choices()
     kv_types = kv_type_choices()
     n_ctx_choices = sorted(set(N_CTX_CHOICES) | {int(base.n_ctx)})
-    user_errors = _user_errors()
 
     def doc_choices() -> list[tuple[str, str]]:
         return [(d.label(), d.key) for d in wb.library.list()]
@@ -102,7 +101,7 @@ def build_app(engine_factory: Any = None, *, default_model: str | None = None, l
 
         try:
             doc, note = wb.ingest(path, settings, name=path.name, progress=report)
-        except user_errors as e:
+        except USER_ERRORS as e:
             raise gr.Error(str(e)) from None
         client = _new_client(doc.key)
         gauge, plot = view()
@@ -113,7 +112,7 @@ def build_app(engine_factory: Any = None, *, default_model: str | None = None, l
             raise gr.Error("Pick a saved document first.")
         try:
             doc, note = wb.load(key)
-        except user_errors as e:
+        except USER_ERRORS as e:
             raise gr.Error(str(e)) from None
         client = _new_client(doc.key)
         gauge, plot = view()
@@ -145,7 +144,7 @@ def build_app(engine_factory: Any = None, *, default_model: str | None = None, l
                 if time.monotonic() - shown >= STREAM_EVERY:  # fast models: do not re-send every token
                     shown = time.monotonic()
                     yield _messages(client["turns"]), "", gr.skip(), gr.skip(), gr.skip()
-        except user_errors as e:
+        except USER_ERRORS as e:
             client["turns"].pop()
             raise gr.Error(str(e)) from None
         finally:
