@@ -2,7 +2,9 @@
 
 Semantics and sources: see kvmerge_local.codec. All njit code that calls each other lives in this one module on
 purpose: numba's on-disk cache only notices edits to a function's own file, so a helper in another module
-could leave stale cached callers behind.
+could leave stale cached callers behind.  The exception is the f16 <-> f32 pair, which comes from
+kvmerge_local.kernels.f16 (the single implementation; F16C instructions when the CPU has them): after editing
+those, clear the __pycache__ Numba caches.
 
 All kernels work on (row index, segment index) pairs: output row ``i`` is elements
 ``[heads[i]*seg, (heads[i]+1)*seg)`` of cache row ``rows[i]``. Whole rows are ``seg = n_elems, heads = 0``.
@@ -13,6 +15,9 @@ import logging
 
 import numba as nb
 import numpy as np
+
+from ..kernels.f16 import f16_bits_to_f32_ggml as f16_bits_to_f32  # noqa: F401 - the one f16 implementation
+from ..kernels.f16 import f32_to_f16_bits_ggml as f32_to_f16_bits  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -28,40 +33,6 @@ def _bits_f32(u):
 @nb.njit(cache=True, inline="always")
 def _f32_bits(f):
     return np.float32(f).view(np.uint32)
-
-
-@nb.njit(cache=True, inline="always")
-def f16_bits_to_f32(h):
-    """uint16 f16 bit pattern -> float32, ggml_compute_fp16_to_fp32's algorithm (branch-free, vectorizes).
-
-    Exact for every non-NaN; NaN payloads are kept and signalling NaNs come back quieted (the float multiply)."""
-    w = np.uint32(h) << np.uint32(16)
-    sign = w & np.uint32(0x80000000)
-    two_w = np.uint32(w << np.uint32(1))
-    normalized = _bits_f32(np.uint32((two_w >> np.uint32(4)) + np.uint32(0x70000000))) * \
-        np.float32(1.925929944387236e-34)  # 0x1.0p-112f
-    denormalized = _bits_f32(np.uint32((two_w >> np.uint32(17)) | np.uint32(0x3F000000))) - np.float32(0.5)
-    bits = _f32_bits(denormalized) if two_w < np.uint32(0x08000000) else _f32_bits(normalized)
-    return _bits_f32(np.uint32(sign | bits))
-
-
-@nb.njit(cache=True, inline="always")
-def f32_to_f16_bits(f):
-    """float32 -> uint16 f16 bit pattern, round-half-even, as x86 F16C ``cvtps_ph`` (ggml's CPU from_float).
-
-    ggml_compute_fp32_to_fp16's algorithm (the float adder rounds), branch-free, except NaN, which keeps its
-    top 9 payload bits and gets the quiet bit like F16C instead of becoming 0x7E00."""
-    w = _f32_bits(f)
-    shl1_w = np.uint32(w << np.uint32(1))
-    sign = w & np.uint32(0x80000000)
-    base = (np.float32(abs(f)) * np.float32(5.192296858534828e+33)) * np.float32(7.703719777548943e-34)
-    bias = shl1_w & np.uint32(0xFF000000)
-    bias = bias if bias > np.uint32(0x71000000) else np.uint32(0x71000000)
-    base = _bits_f32(np.uint32((bias >> np.uint32(1)) + np.uint32(0x07800000))) + base
-    bits = _f32_bits(base)
-    nonsign = ((bits >> np.uint32(13)) & np.uint32(0x7C00)) + (bits & np.uint32(0x0FFF))
-    nan = np.uint32(0x7E00) | ((w >> np.uint32(13)) & np.uint32(0x3FF))
-    return np.uint16((sign >> np.uint32(16)) | (nan if shl1_w > np.uint32(0xFF000000) else nonsign))
 
 
 @nb.njit(cache=True, inline="always")

@@ -12,7 +12,7 @@ Per (layer, KV head, cell) the engine tracks (:class:`CacheBook`):
 :func:`compact` reads the cache, plans with the method on document positions, turns the plan's slot
 positions into RoPE positions (each slot keeps its pivot's), optionally re-indexes (slot ``j`` -> position
 ``j``, keys re-rotated per head by :mod:`.positions`), and writes the result, restoring the original cache
-if anything fails.
+if anything fails.  An identity plan (``full``, or a budget of at least N cells) is not applied at all.
 """
 from __future__ import annotations
 
@@ -139,6 +139,13 @@ def compact(bridge: KVBridge, method, book: CacheBook, m: int, *, reindex: bool,
     plan = method.plan(k, v, book.doc_pos, ev, int(m))
     rope_pos = slot_rope_positions(plan, book)
     new_book = CacheBook(plan.pos, rope_pos, carry_evidence(plan, ev))
+    if plan.is_identity() and not (reindex and np.any(rope_pos != np.arange(plan.m, dtype=np.int32))):
+        # ``full``, or a budget >= N: the cache already is the result -- nothing to apply or write
+        if evidence_on:
+            bridge.reset_evidence()
+        res = CompactResult(st.n_cells, plan.m, reindex, time.perf_counter() - t0)
+        log.info("compaction of %d cells is the identity: nothing written (%.3fs)", res.n_before, res.seconds)
+        return new_book, res
     try:
         wplan = Plan(plan.n_in, plan.offsets, plan.src, plan.wk, plan.wv, rope_pos)
         wplan.validate()

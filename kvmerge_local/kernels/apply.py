@@ -18,7 +18,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..plan import Plan
-from .f16 import load, store, store_row
+from .f16 import load_math, store, store_row
 from .strided import flat_view, row_offset
 
 log = logging.getLogger(__name__)
@@ -38,14 +38,32 @@ def _copy_source(offsets, w, l, h, j):
     return -1
 
 
+CELL_BLOCK = 64  # transposed sources: cells converted together (one contiguous run per element row)
+
+
 @njit(cache=True)
-def _apply_columns(sflat, sg, dflat, dg, offsets, psrc, w, l, h, copy_from):
-    """One (l, h) when the source's cell axis is contiguous (llama.cpp's transposed V): for each of the
-    d columns, copies and merges read one contiguous run of N cells (cache friendly)."""
+def _apply_columns(sflat, sg, dflat, dg, offsets, psrc, w, l, h, copy_from, acc):
+    """One (l, h) when the source's cell axis is contiguous (llama.cpp's transposed V).  Copies go column
+    by column (one contiguous run of N cells each).  Merges whose sources are read about once each
+    (KVMerger's runs) also go column by column; when sources feed many slots (CaM) the cells they read
+    are first converted to float32 rows (blocks of ``CELL_BLOCK`` cells, each element row read as one
+    contiguous run) and merged as on the row path, vectorized over d.  Either way each element gets
+    the same arithmetic in the same order as on the row path."""
     d, N = sg[8], sg[7]
     m = dg[7]
     sb = row_offset(sg, l, h, 0)
     db = row_offset(dg, l, h, 0)
+    need = np.zeros(N, np.bool_)
+    uses = 0
+    for j in range(m):
+        if copy_from[j] < 0:
+            for t in range(offsets[l, h, j], offsets[l, h, j + 1]):
+                if w[t] != 0.0:
+                    need[psrc[t]] = True
+                    uses += 1
+    n_need = 0
+    for i in range(N):
+        n_need += need[i]
     for e in range(d):
         col = sflat[sb + e * sg[4]:sb + e * sg[4] + N]
         o = db + e * dg[4]
@@ -53,16 +71,57 @@ def _apply_columns(sflat, sg, dflat, dg, offsets, psrc, w, l, h, copy_from):
             s = copy_from[j]
             if s >= 0:
                 dflat[o + j * dg[3]] = col[s]
+    if uses == 0:
+        return
+    if uses < 2 * n_need:  # sources read about once each (KVMerger runs): merge column by column
+        for e in range(d):
+            col = sflat[sb + e * sg[4]:sb + e * sg[4] + N]
+            o = db + e * dg[4]
+            for j in range(m):
+                if copy_from[j] >= 0:
+                    continue
+                x = np.float32(0.0)
+                first = True
+                for t in range(offsets[l, h, j], offsets[l, h, j + 1]):
+                    wt = w[t]
+                    if wt != 0.0:
+                        y = wt * load_math(col[psrc[t]])
+                        x = y if first else x + y
+                        first = False
+                dflat[o + j * dg[3]] = store(x, dflat)
+        return
+    rows = np.empty((N, d), np.float32)  # sources read many times each (CaM): convert them once
+    for c0 in range(0, N, CELL_BLOCK):
+        c1 = min(c0 + CELL_BLOCK, N)
+        hit = False
+        for c in range(c0, c1):
+            hit |= need[c]
+        if not hit:
+            continue
+        for e in range(d):
+            col = sflat[sb + e * sg[4] + c0:sb + e * sg[4] + c1]
+            for c in range(c1 - c0):
+                rows[c0 + c, e] = load_math(col[c])
+    for j in range(m):
+        if copy_from[j] >= 0:
+            continue
+        first = True
+        for t in range(offsets[l, h, j], offsets[l, h, j + 1]):
+            wt = w[t]
+            if wt == 0.0:
                 continue
-            acc = np.float32(0.0)
-            first = True
-            for t in range(offsets[l, h, j], offsets[l, h, j + 1]):
-                wt = w[t]
-                if wt != 0.0:
-                    x = wt * load(col[psrc[t]])
-                    acc = x if first else acc + x
-                    first = False
-            dflat[o + j * dg[3]] = store(acc, dflat)
+            r = rows[psrc[t]]
+            if first:
+                for e in range(d):
+                    acc[e] = wt * r[e]
+            else:
+                for e in range(d):
+                    acc[e] += wt * r[e]
+            first = False
+        if first:
+            for e in range(d):
+                acc[e] = 0.0
+        store_row(acc, dflat, row_offset(dg, l, h, j), dg[4])
 
 
 @njit(cache=True, parallel=True)
@@ -86,7 +145,7 @@ def apply_plan_kernel(sflat, sg, dflat, dg, offsets, psrc, w):
             t = _copy_source(offsets, w, l, h, j)
             copy_from[j] = psrc[t] if t >= 0 else -1
         if not rows and sg[3] == 1:
-            _apply_columns(sflat, sg, dflat, dg, offsets, psrc, w, l, h, copy_from)
+            _apply_columns(sflat, sg, dflat, dg, offsets, psrc, w, l, h, copy_from, acc)
             continue
         if rows:
             for j in range(m):
@@ -119,17 +178,17 @@ def apply_plan_kernel(sflat, sg, dflat, dg, offsets, psrc, w):
                     srow = sflat[so:so + d]
                     if first:
                         for e in range(d):
-                            acc[e] = wt * load(srow[e])
+                            acc[e] = wt * load_math(srow[e])
                     else:
                         for e in range(d):
-                            acc[e] += wt * load(srow[e])
+                            acc[e] += wt * load_math(srow[e])
                 else:
                     if first:
                         for e in range(d):
-                            acc[e] = wt * load(sflat[so + e * sg[4]])
+                            acc[e] = wt * load_math(sflat[so + e * sg[4]])
                     else:
                         for e in range(d):
-                            acc[e] += wt * load(sflat[so + e * sg[4]])
+                            acc[e] += wt * load_math(sflat[so + e * sg[4]])
                 first = False
             if first:
                 for e in range(d):

@@ -9,7 +9,7 @@ Both modes return ``(start, end)`` int32[L, H, m]: slot ``j`` of (l, h) stands f
   lowest-evidence unprotected sets are evicted; fewer: the least similar merges are split back.
 - ``budget_runs`` [ours] -- adjacency-constrained agglomerative clustering: repeatedly merge the adjacent
   pair of clusters whose representative keys (the member sums, i.e. means) have the highest cosine
-  until ``m`` remain (binary heap with lazy invalidation, O(N log N) pushes); optionally refuse merges
+  until ``m`` remain (an indexed binary heap of the live edges, O(N log N)); optionally refuse merges
   with cosine ``<= eps`` and evict the lowest-evidence clusters instead.
 
 Tie rules (shared with the NumPy reference): edges with equal cosine split/merge the older first; sets
@@ -103,50 +103,70 @@ def threshold_runs(cos, prot, evidence, m, eps):
     return out_s, out_e
 
 
-@njit(cache=True)
-def _better(hp, hid, ea, i, j):
-    """Heap order: higher cosine first, ties -> the older (smaller left cluster) pair."""
-    return hp[i] > hp[j] or (hp[i] == hp[j] and ea[hid[i]] < ea[hid[j]])
+@njit(cache=True, inline="always")
+def _hbetter(pr, a, b):
+    """Heap order of the edges keyed by their left cluster: higher cosine first, ties -> the older."""
+    return pr[a] > pr[b] or (pr[a] == pr[b] and a < b)
 
 
-@njit(cache=True)
-def _heap_push(hp, hid, ea, n, prio, entry):
-    i = n
-    hp[i] = prio
-    hid[i] = entry
+@njit(cache=True, inline="always")
+def _sift_up(hh, at, pr, i):
+    x = hh[i]
     while i > 0:
-        par = (i - 1) // 2
-        if not _better(hp, hid, ea, i, par):
+        par = (i - 1) >> 1
+        y = hh[par]
+        if not _hbetter(pr, x, y):
             break
-        hp[i], hp[par] = hp[par], hp[i]
-        hid[i], hid[par] = hid[par], hid[i]
+        hh[i] = y
+        at[y] = i
         i = par
-    return n + 1
+    hh[i] = x
+    at[x] = i
 
 
-@njit(cache=True)
-def _heap_pop(hp, hid, ea, n):
-    """Remove the top (moved to index n-1); returns the new size."""
-    n -= 1
-    hp[0], hp[n] = hp[n], hp[0]
-    hid[0], hid[n] = hid[n], hid[0]
-    i = 0
+@njit(cache=True, inline="always")
+def _sift_down(hh, at, pr, n, i):
+    x = hh[i]
     while True:
-        lc = 2 * i + 1
-        if lc >= n:
+        c = 2 * i + 1
+        if c >= n:
             break
-        best = lc
-        if lc + 1 < n and _better(hp, hid, ea, lc + 1, lc):
-            best = lc + 1
-        if not _better(hp, hid, ea, best, i):
+        if c + 1 < n and _hbetter(pr, hh[c + 1], hh[c]):
+            c += 1
+        y = hh[c]
+        if not _hbetter(pr, y, x):
             break
-        hp[i], hp[best] = hp[best], hp[i]
-        hid[i], hid[best] = hid[best], hid[i]
-        i = best
+        hh[i] = y
+        at[y] = i
+        i = c
+    hh[i] = x
+    at[x] = i
+
+
+@njit(cache=True, inline="always")
+def _heap_remove(hh, at, pr, n, a):
+    """Remove edge ``a`` from the indexed heap of size ``n``; returns the new size."""
+    i = at[a]
+    at[a] = -1
+    n -= 1
+    if i < n:
+        y = hh[n]
+        hh[i] = y
+        at[y] = i
+        _sift_up(hh, at, pr, i)
+        _sift_down(hh, at, pr, n, at[y])
     return n
 
 
-@njit(cache=True, fastmath=FAST)
+@njit(cache=True, inline="always")
+def _heap_update(hh, at, pr, n, a, prio):
+    """Change the priority of edge ``a`` (in the heap) to ``prio``."""
+    pr[a] = prio
+    _sift_up(hh, at, pr, at[a])
+    _sift_down(hh, at, pr, n, at[a])
+
+
+@njit(cache=True, inline="always", fastmath=FAST)
 def _cos(sums, n2, a, b):
     if n2[a] <= 0.0 or n2[b] <= 0.0:
         return 0.0
@@ -161,12 +181,13 @@ def budget_runs_flat(kflat, kgeom, prot, evidence, m, eps, refuse_below_eps, n_c
     """Budget-mode runs by adjacency-constrained agglomerative clustering (see the module docstring).
 
     keys as (kflat, kgeom) (see :mod:`.strided`); prot bool[L, H, N]; evidence float32[L, H, N].
-    Work buffers are allocated once per chunk of heads (``n_chunk`` chunks), not per head.
+    Work buffers are allocated once per chunk of heads (``n_chunk`` chunks), not per head.  The live
+    edges sit in an indexed binary heap keyed by their left cluster (one entry per edge, priorities
+    updated in place: no stale entries), so every step pops exactly the merge it performs.
     """
     L, H, N, d = kgeom[5], kgeom[6], kgeom[7], kgeom[8]
     out_s = np.empty((L, H, m), np.int32)
     out_e = np.empty((L, H, m), np.int32)
-    cap = 3 * N + 1
     n_chunk = max(1, min(L * H, n_chunk))
     for c in prange(n_chunk):
         sums = np.empty((N, d), np.float64)
@@ -175,14 +196,9 @@ def budget_runs_flat(kflat, kgeom, prot, evidence, m, eps, refuse_below_eps, n_c
         end = np.empty(N, np.int64)
         nxt = np.empty(N, np.int64)
         prv = np.empty(N, np.int64)
-        ver = np.empty(N, np.int64)
-        alive = np.empty(N, np.bool_)
-        hp = np.empty(cap, np.float64)
-        hid = np.empty(cap, np.int64)
-        ea = np.empty(cap, np.int64)
-        eva = np.empty(cap, np.int64)
-        eb = np.empty(cap, np.int64)
-        evb = np.empty(cap, np.int64)
+        pr = np.empty(N, np.float64)
+        hh = np.empty(N, np.int64)
+        at = np.empty(N, np.int64)
         rs = np.empty(N, np.int64)
         re = np.empty(N, np.int64)
         for lh in range(c, L * H, n_chunk):
@@ -200,24 +216,24 @@ def budget_runs_flat(kflat, kgeom, prot, evidence, m, eps, refuse_below_eps, n_c
                 end[i] = i + 1
                 nxt[i] = i + 1
                 prv[i] = i - 1
-                ver[i] = 0
-                alive[i] = True
+                at[i] = -1
             n = 0
-            ne = 0
             for i in range(N - 1):
                 if not p[i] and not p[i + 1]:
-                    ea[ne], eva[ne], eb[ne], evb[ne] = i, 0, i + 1, 0
-                    n = _heap_push(hp, hid, ea, n, _cos(sums, n2, i, i + 1), ne)
-                    ne += 1
+                    pr[i] = _cos(sums, n2, i, i + 1)
+                    hh[n] = i
+                    at[i] = n
+                    n += 1
+            for i in range(n // 2 - 1, -1, -1):
+                _sift_down(hh, at, pr, n, i)
             ncl = N
             while ncl > m and n > 0:
-                n = _heap_pop(hp, hid, ea, n)
-                t = hid[n]
-                a, b = ea[t], eb[t]
-                if not (alive[a] and alive[b] and ver[a] == eva[t] and ver[b] == evb[t]):
-                    continue
-                if refuse_below_eps and not (hp[n] > eps):
+                a = hh[0]
+                if refuse_below_eps and not (pr[a] > eps):
                     break
+                b = nxt[a]
+                if at[b] >= 0:
+                    n = _heap_remove(hh, at, pr, n, b)
                 s = 0.0
                 for e in range(d):
                     sums[a, e] += sums[b, e]
@@ -227,19 +243,15 @@ def budget_runs_flat(kflat, kgeom, prot, evidence, m, eps, refuse_below_eps, n_c
                 nxt[a] = nxt[b]
                 if nxt[b] < N:
                     prv[nxt[b]] = a
-                alive[b] = False
-                ver[a] += 1
                 ncl -= 1
                 q = prv[a]
                 if q >= 0 and not p[q]:
-                    ea[ne], eva[ne], eb[ne], evb[ne] = q, ver[q], a, ver[a]
-                    n = _heap_push(hp, hid, ea, n, _cos(sums, n2, q, a), ne)
-                    ne += 1
+                    _heap_update(hh, at, pr, n, q, _cos(sums, n2, q, a))
                 r = nxt[a]
                 if r < N and not p[r]:
-                    ea[ne], eva[ne], eb[ne], evb[ne] = a, ver[a], r, ver[r]
-                    n = _heap_push(hp, hid, ea, n, _cos(sums, n2, a, r), ne)
-                    ne += 1
+                    _heap_update(hh, at, pr, n, a, _cos(sums, n2, a, r))
+                else:
+                    n = _heap_remove(hh, at, pr, n, a)
             k = 0
             i = 0
             while i < N:
@@ -249,6 +261,7 @@ def budget_runs_flat(kflat, kgeom, prot, evidence, m, eps, refuse_below_eps, n_c
                 i = end[i]
             _evict_runs(rs, re, ncl, p, evidence[l, h], m, out_s[l, h], out_e[l, h])
     return out_s, out_e
+
 
 def budget_runs(keys, prot, evidence, m, eps, refuse_below_eps):
     """:func:`budget_runs_flat` for keys float16/float32 [L, H, N, d] of any strides."""

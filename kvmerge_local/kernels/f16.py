@@ -5,9 +5,13 @@ kernel touches are converted.  Both directions are bit-identical to NumPy's ``as
 finite value, signed zeros, subnormals and infinities (round-half-to-even, overflow to inf); NaNs stay
 NaN (payload kept as NumPy's portable C path does).
 
+The module is the one home of f16 <-> f32 conversions: ``kvmerge_local.codec`` uses its ggml-semantics
+pair (``*_ggml``: NaNs as x86 F16C / ggml, the rest bit-identical).
+
 Generic helpers used by the other kernels:
 
 - ``load(x)`` -- one element (``uint16`` f16 bits or ``float32``) as ``float32``.
+- ``load_math(x)`` -- the same for values that only feed arithmetic (vectorizes; see its doc).
 - ``store(v, arr)`` -- ``float32`` value ``v`` converted to ``arr``'s element type (f16 bits or f32),
   saturated to the finite f16 range for f16 (merged states never become inf).
 """
@@ -174,6 +178,63 @@ def f32_to_f16_bits_hw(v):
 f32_to_f16_bits = f32_to_f16_bits_hw if HAS_F16C else f32_to_f16_bits_soft
 
 
+# -- ggml semantics (used by kvmerge_local.codec: bit-exact to ggml's CPU conversions) -------------------
+# Identical to the functions above except for NaNs, where they follow x86 F16C (what ggml uses on CPU): a
+# signalling NaN comes back quieted (payload kept) and f32 -> f16 keeps the top payload bits and sets the
+# quiet bit.  With F16C they are the bare hardware instructions; without, ggml's portable algorithms.
+
+
+@njit(cache=True, inline="always")
+def f16_bits_to_f32_ggml_soft(h):
+    """uint16 f16 bits -> float32, ggml_compute_fp16_to_fp32's algorithm (branch-free, vectorizes).
+
+    Exact for every non-NaN; NaN payloads are kept and signalling NaNs come back quieted (the float multiply)."""
+    w = np.uint32(h) << np.uint32(16)
+    sign = w & np.uint32(0x80000000)
+    two_w = np.uint32(w << np.uint32(1))
+    normalized = _u32_as_f32(np.uint32((two_w >> np.uint32(4)) + np.uint32(0x70000000))) * \
+        np.float32(1.925929944387236e-34)  # 0x1.0p-112f
+    denormalized = _u32_as_f32(np.uint32((two_w >> np.uint32(17)) | np.uint32(0x3F000000))) - np.float32(0.5)
+    bits = _f32_as_u32(denormalized) if two_w < np.uint32(0x08000000) else _f32_as_u32(normalized)
+    return _u32_as_f32(np.uint32(sign | bits))
+
+
+@njit(cache=True, inline="always")
+def f32_to_f16_bits_ggml_soft(f):
+    """float32 -> uint16 f16 bits, round-half-even, as x86 F16C ``cvtps_ph`` (ggml's CPU from_float).
+
+    ggml_compute_fp32_to_fp16's algorithm (the float adder rounds), branch-free, except NaN, which keeps its
+    top 9 payload bits and gets the quiet bit like F16C instead of becoming 0x7E00."""
+    f = np.float32(f)
+    w = _f32_as_u32(f)
+    shl1_w = np.uint32(w << np.uint32(1))
+    sign = w & np.uint32(0x80000000)
+    base = (np.float32(abs(f)) * np.float32(5.192296858534828e+33)) * np.float32(7.703719777548943e-34)
+    bias = shl1_w & np.uint32(0xFF000000)
+    bias = bias if bias > np.uint32(0x71000000) else np.uint32(0x71000000)
+    base = _u32_as_f32(np.uint32((bias >> np.uint32(1)) + np.uint32(0x07800000))) + base
+    bits = _f32_as_u32(base)
+    nonsign = ((bits >> np.uint32(13)) & np.uint32(0x7C00)) + (bits & np.uint32(0x0FFF))
+    nan = np.uint32(0x7E00) | ((w >> np.uint32(13)) & np.uint32(0x3FF))
+    return np.uint16((sign >> np.uint32(16)) | (nan if shl1_w > np.uint32(0xFF000000) else nonsign))
+
+
+@njit(cache=True, inline="always")
+def f16_bits_to_f32_ggml_hw(h):
+    """uint16 f16 bits -> float32 by ``vcvtph2ps`` (same bits as the soft version, NaNs included)."""
+    return _f16_fpext(np.uint16(h))
+
+
+@njit(cache=True, inline="always")
+def f32_to_f16_bits_ggml_hw(f):
+    """float32 -> uint16 f16 bits by ``vcvtps2ph`` (same bits as the soft version, NaNs included)."""
+    return _f32_fptrunc(np.float32(f))
+
+
+f16_bits_to_f32_ggml = f16_bits_to_f32_ggml_hw if HAS_F16C else f16_bits_to_f32_ggml_soft
+f32_to_f16_bits_ggml = f32_to_f16_bits_ggml_hw if HAS_F16C else f32_to_f16_bits_ggml_soft
+
+
 def load(x):
     """Element (f16 bits or f32) -> float32.  Numba-only (see the overload); in Python: same result."""
     return np.uint16(x).view(np.float16).astype(np.float32) if isinstance(x, np.uint16) else np.float32(x)
@@ -182,6 +243,25 @@ def load(x):
 @overload(load)
 def _load_ov(x):
     if x == types.uint16:
+        return lambda x: f16_bits_to_f32(x)
+    if isinstance(x, types.Float):
+        return lambda x: np.float32(x)
+    return None
+
+
+def load_math(x):
+    """Element -> float32 for arithmetic only (merges): like :func:`load`, except that an f16 NaN may come
+    back quieted.  The hardware path converts a whole row with ``vcvtph2ps`` (no per-element NaN test,
+    so the loop vectorizes); every result that goes through a float multiply is bit-identical to
+    :func:`load`'s, because the multiply quiets a signalling NaN the same way.  Numba-only (overload)."""
+    return load(x)
+
+
+@overload(load_math)
+def _load_math_ov(x):
+    if x == types.uint16:
+        if HAS_F16C:
+            return lambda x: _f16_fpext(x)
         return lambda x: f16_bits_to_f32(x)
     if isinstance(x, types.Float):
         return lambda x: np.float32(x)

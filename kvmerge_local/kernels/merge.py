@@ -102,6 +102,8 @@ def cam_merge_mask(keep, evidence, u, merge_budget):
         h = lh - l * H
         diff = np.zeros(m + 1, np.int64)
         jk = 0
+        mean_of = -1  # mean(A_T) depends on T_i only: computed once per run of evicted cells
+        mean = 0.0
         for i in range(N):
             if jk < m and keep[l, h, jk] == i:
                 jk += 1
@@ -109,10 +111,12 @@ def cam_merge_mask(keep, evidence, u, merge_budget):
             stop = min(jk + merge_budget, m)
             if stop <= jk:
                 continue
-            mean = 0.0
-            for t in range(jk, stop):
-                mean += evidence[l, h, keep[l, h, t]]
-            mean /= stop - jk
+            if mean_of != jk:
+                mean = 0.0
+                for t in range(jk, stop):
+                    mean += evidence[l, h, keep[l, h, t]]
+                mean /= stop - jk
+                mean_of = jk
             ai = np.float64(evidence[l, h, i])
             if mean > 0.0:
                 pr = min(max(ai / mean, 0.0), 1.0)

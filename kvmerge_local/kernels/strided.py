@@ -13,7 +13,7 @@ import logging
 import numpy as np
 from numba import njit
 
-from .f16 import as_kernel_array, load
+from .f16 import as_kernel_array, load_math
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +47,17 @@ def row_offset(geom, l, h, i):
 
 @njit(cache=True)
 def load_row(flat, geom, l, h, i, out):
-    """``out[:d] = float32(x[l, h, i, :])`` (f16 bits converted in the loop)."""
+    """``out[:d] = float32(x[l, h, i, :])`` for rows that feed arithmetic (cosines, distances, sums): f16
+    bits converted in the loop by :func:`~.f16.load_math`, which vectorizes (a signalling NaN may come
+    back quieted, which no arithmetic result can tell apart)."""
     o = row_offset(geom, l, h, i)
     s = geom[4]
     d = geom[8]
     if s == 1:
         row = flat[o:o + d]
         for e in range(d):
-            out[e] = load(row[e])
+            out[e] = load_math(row[e])
     else:
         for e in range(d):
-            out[e] = load(flat[o + e * s])
+            out[e] = load_math(flat[o + e * s])
+
