@@ -39,6 +39,54 @@ def _copy_source(offsets, w, l, h, j):
 
 
 CELL_BLOCK = 64  # transposed sources: cells converted together (one contiguous run per element row)
+TRANSPOSE_MIN_READS = 2  # transposed merges: gather rows first when sources are read this often on average
+
+
+@njit(cache=True)
+def _merge_sources(offsets, psrc, w, l, h, copy_from, N):
+    """(row_of int64[N], n_need, uses): the cells read by the merged slots of (l, h) (non-zero weights),
+    numbered in cell order (``row_of[c] = -1`` when unread), and how many reads there are in all."""
+    row_of = np.full(N, -1, np.int64)
+    uses = 0
+    for j in range(copy_from.shape[0]):
+        if copy_from[j] < 0:
+            for t in range(offsets[l, h, j], offsets[l, h, j + 1]):
+                if w[t] != 0.0:
+                    row_of[psrc[t]] = 0
+                    uses += 1
+    n_need = 0
+    for c in range(N):
+        if row_of[c] == 0:
+            row_of[c] = n_need
+            n_need += 1
+    return row_of, n_need, uses
+
+
+@njit(cache=True)
+def _merge_rows(rows, row_of, dflat, dg, offsets, psrc, w, l, h, copy_from, acc):
+    """Merged slots of (l, h) from the source rows gathered into ``rows[row_of[cell]]`` (raw elements, row
+    major): the same arithmetic, in the same order, as merging straight from the cache."""
+    d = acc.shape[0]
+    for j in range(copy_from.shape[0]):
+        if copy_from[j] >= 0:
+            continue
+        first = True
+        for t in range(offsets[l, h, j], offsets[l, h, j + 1]):
+            wt = w[t]
+            if wt == 0.0:
+                continue
+            r = rows[row_of[psrc[t]]]
+            if first:
+                for e in range(d):
+                    acc[e] = wt * load_math(r[e])
+            else:
+                for e in range(d):
+                    acc[e] += wt * load_math(r[e])
+            first = False
+        if first:
+            for e in range(d):
+                acc[e] = 0.0
+        store_row(acc, dflat, row_offset(dg, l, h, j), dg[4])
 
 
 @njit(cache=True)
@@ -46,24 +94,14 @@ def _apply_columns(sflat, sg, dflat, dg, offsets, psrc, w, l, h, copy_from, acc)
     """One (l, h) when the source's cell axis is contiguous (llama.cpp's transposed V).  Copies go column
     by column (one contiguous run of N cells each).  Merges whose sources are read about once each
     (KVMerger's runs) also go column by column; when sources feed many slots (CaM) the cells they read
-    are first converted to float32 rows (blocks of ``CELL_BLOCK`` cells, each element row read as one
+    are first transposed into rows (blocks of ``CELL_BLOCK`` cells, each element row read as one
     contiguous run) and merged as on the row path, vectorized over d.  Either way each element gets
     the same arithmetic in the same order as on the row path."""
     d, N = sg[8], sg[7]
     m = dg[7]
     sb = row_offset(sg, l, h, 0)
     db = row_offset(dg, l, h, 0)
-    need = np.zeros(N, np.bool_)
-    uses = 0
-    for j in range(m):
-        if copy_from[j] < 0:
-            for t in range(offsets[l, h, j], offsets[l, h, j + 1]):
-                if w[t] != 0.0:
-                    need[psrc[t]] = True
-                    uses += 1
-    n_need = 0
-    for i in range(N):
-        n_need += need[i]
+    row_of, n_need, uses = _merge_sources(offsets, psrc, w, l, h, copy_from, N)
     for e in range(d):
         col = sflat[sb + e * sg[4]:sb + e * sg[4] + N]
         o = db + e * dg[4]
@@ -73,7 +111,7 @@ def _apply_columns(sflat, sg, dflat, dg, offsets, psrc, w, l, h, copy_from, acc)
                 dflat[o + j * dg[3]] = col[s]
     if uses == 0:
         return
-    if uses < 2 * n_need:  # sources read about once each (KVMerger runs): merge column by column
+    if uses < TRANSPOSE_MIN_READS * n_need:  # sources read about once each (KVMerger runs): merge column by column
         for e in range(d):
             col = sflat[sb + e * sg[4]:sb + e * sg[4] + N]
             o = db + e * dg[4]
@@ -90,38 +128,16 @@ def _apply_columns(sflat, sg, dflat, dg, offsets, psrc, w, l, h, copy_from, acc)
                         first = False
                 dflat[o + j * dg[3]] = store(x, dflat)
         return
-    rows = np.empty((N, d), np.float32)  # sources read many times each (CaM): convert them once
+    rows = np.empty((n_need, d), sflat.dtype)  # sources read many times each (CaM): transpose them once
     for c0 in range(0, N, CELL_BLOCK):
         c1 = min(c0 + CELL_BLOCK, N)
-        hit = False
-        for c in range(c0, c1):
-            hit |= need[c]
-        if not hit:
-            continue
         for e in range(d):
             col = sflat[sb + e * sg[4] + c0:sb + e * sg[4] + c1]
             for c in range(c1 - c0):
-                rows[c0 + c, e] = load_math(col[c])
-    for j in range(m):
-        if copy_from[j] >= 0:
-            continue
-        first = True
-        for t in range(offsets[l, h, j], offsets[l, h, j + 1]):
-            wt = w[t]
-            if wt == 0.0:
-                continue
-            r = rows[psrc[t]]
-            if first:
-                for e in range(d):
-                    acc[e] = wt * r[e]
-            else:
-                for e in range(d):
-                    acc[e] += wt * r[e]
-            first = False
-        if first:
-            for e in range(d):
-                acc[e] = 0.0
-        store_row(acc, dflat, row_offset(dg, l, h, j), dg[4])
+                r = row_of[c0 + c]
+                if r >= 0:
+                    rows[r, e] = col[c]
+    _merge_rows(rows, row_of, dflat, dg, offsets, psrc, w, l, h, copy_from, acc)
 
 
 @njit(cache=True, parallel=True)
@@ -131,7 +147,8 @@ def apply_plan_kernel(sflat, sg, dflat, dg, offsets, psrc, w):
     ``sflat/sg`` and ``dflat/dg``: flat views and geometries (see :mod:`.strided`) of src [L, H, N, d]
     and dst [L, H, m, d], both float32 or both f16 bits (uint16).  Rows are moved with unit-stride loops
     when the head_dim axis is contiguous, column by column when the cell axis is (transposed V), else
-    with generic strided indexing.
+    with generic strided indexing.  (Merging from float32 copies of often-read rows does not pay on the
+    row path: f16 rows plus ``vcvtph2ps`` move half the bytes.)
     """
     L, H, d = sg[5], sg[6], sg[8]
     m = dg[7]
