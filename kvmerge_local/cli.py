@@ -280,9 +280,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    a, extra = parser.parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "bench" in argv and all(x.startswith("-") for x in argv[:argv.index("bench")]):
+        i = argv.index("bench")  # everything after `bench` belongs to the benchmark CLI, in its order
+        a, extra = parser.parse_known_args(argv[:i + 1])
+        a.args = argv[i + 1:]
+    else:
+        a, extra = parser.parse_known_args(argv)
     if a.cmd == "bench":
-        a.args = list(a.args) + extra  # everything after `bench` belongs to the benchmark CLI
+        a.args = list(a.args) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(a.verbose, 2)],

@@ -60,6 +60,7 @@ def test_models_methods_bench_ui(capsys, monkeypatch):
     assert main(["methods", "--json"]) == 0
     assert {r["name"] for r in json.loads(capsys.readouterr().out)} >= {"full", "kvmerger"}
     monkeypatch.setitem(sys.modules, "kvmerge_local.bench", None)
+    monkeypatch.setitem(sys.modules, "kvmerge_local.bench.cli", None)  # also when another test imported it
     assert main(["bench", "--help-me"]) == 2
     assert "not available yet" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "ui.app", None)
