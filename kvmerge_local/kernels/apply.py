@@ -18,7 +18,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..plan import Plan
-from .f16 import load_math, store, store_row
+from .f16 import load_math, store_row
 from .strided import flat_view, row_offset
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def _copy_source(offsets, w, l, h, j):
 
 
 CELL_BLOCK = 64  # transposed sources: cells converted together (one contiguous run per element row)
-TRANSPOSE_MIN_READS = 2  # transposed merges: gather rows first when sources are read this often on average
+SLOT_BLOCK = 16  # transposed merges: slots rounded together before the element-row-wise write
 
 
 @njit(cache=True)
@@ -65,38 +65,51 @@ def _merge_sources(offsets, psrc, w, l, h, copy_from, N):
 @njit(cache=True)
 def _merge_rows(rows, row_of, dflat, dg, offsets, psrc, w, l, h, copy_from, acc):
     """Merged slots of (l, h) from the source rows gathered into ``rows[row_of[cell]]`` (raw elements, row
-    major): the same arithmetic, in the same order, as merging straight from the cache."""
+    major): the same arithmetic, in the same order, as merging straight from the cache.  Results are
+    rounded into a block of ``SLOT_BLOCK`` rows, then written element row by element row (dst's cell
+    axis is the contiguous one)."""
     d = acc.shape[0]
-    for j in range(copy_from.shape[0]):
-        if copy_from[j] >= 0:
-            continue
-        first = True
-        for t in range(offsets[l, h, j], offsets[l, h, j + 1]):
-            wt = w[t]
-            if wt == 0.0:
-                continue
-            r = rows[row_of[psrc[t]]]
+    m = copy_from.shape[0]
+    blk = np.empty(SLOT_BLOCK * d, dflat.dtype)
+    slots = np.empty(SLOT_BLOCK, np.int64)
+    nb = 0
+    db = row_offset(dg, l, h, 0)
+    for j in range(m + 1):
+        if j < m and copy_from[j] < 0:
+            first = True
+            for t in range(offsets[l, h, j], offsets[l, h, j + 1]):
+                wt = w[t]
+                if wt == 0.0:
+                    continue
+                r = rows[row_of[psrc[t]]]
+                if first:
+                    for e in range(d):
+                        acc[e] = wt * load_math(r[e])
+                else:
+                    for e in range(d):
+                        acc[e] += wt * load_math(r[e])
+                first = False
             if first:
                 for e in range(d):
-                    acc[e] = wt * load_math(r[e])
-            else:
-                for e in range(d):
-                    acc[e] += wt * load_math(r[e])
-            first = False
-        if first:
+                    acc[e] = 0.0
+            store_row(acc, blk, nb * d, 1)
+            slots[nb] = j
+            nb += 1
+        if nb == SLOT_BLOCK or (j == m and nb > 0):
             for e in range(d):
-                acc[e] = 0.0
-        store_row(acc, dflat, row_offset(dg, l, h, j), dg[4])
+                o = db + e * dg[4]
+                for k in range(nb):
+                    dflat[o + slots[k] * dg[3]] = blk[k * d + e]
+            nb = 0
 
 
 @njit(cache=True)
 def _apply_columns(sflat, sg, dflat, dg, offsets, psrc, w, l, h, copy_from, acc):
     """One (l, h) when the source's cell axis is contiguous (llama.cpp's transposed V).  Copies go column
-    by column (one contiguous run of N cells each).  Merges whose sources are read about once each
-    (KVMerger's runs) also go column by column; when sources feed many slots (CaM) the cells they read
-    are first transposed into rows (blocks of ``CELL_BLOCK`` cells, each element row read as one
-    contiguous run) and merged as on the row path, vectorized over d.  Either way each element gets
-    the same arithmetic in the same order as on the row path."""
+    by column (one contiguous run of N cells each).  For merges, the cells they read are first transposed
+    into rows (blocks of ``CELL_BLOCK`` cells, each element row read as one contiguous run), merged as on
+    the row path (vectorized over d, same per-element arithmetic and order) and written back in blocks
+    of ``SLOT_BLOCK`` slots (see :func:`_merge_rows`)."""
     d, N = sg[8], sg[7]
     m = dg[7]
     sb = row_offset(sg, l, h, 0)
@@ -111,24 +124,7 @@ def _apply_columns(sflat, sg, dflat, dg, offsets, psrc, w, l, h, copy_from, acc)
                 dflat[o + j * dg[3]] = col[s]
     if uses == 0:
         return
-    if uses < TRANSPOSE_MIN_READS * n_need:  # sources read about once each (KVMerger runs): merge column by column
-        for e in range(d):
-            col = sflat[sb + e * sg[4]:sb + e * sg[4] + N]
-            o = db + e * dg[4]
-            for j in range(m):
-                if copy_from[j] >= 0:
-                    continue
-                x = np.float32(0.0)
-                first = True
-                for t in range(offsets[l, h, j], offsets[l, h, j + 1]):
-                    wt = w[t]
-                    if wt != 0.0:
-                        y = wt * load_math(col[psrc[t]])
-                        x = y if first else x + y
-                        first = False
-                dflat[o + j * dg[3]] = store(x, dflat)
-        return
-    rows = np.empty((n_need, d), sflat.dtype)  # sources read many times each (CaM): transpose them once
+    rows = np.empty((n_need, d), sflat.dtype)  # the merged slots' sources, transposed once
     for c0 in range(0, N, CELL_BLOCK):
         c1 = min(c0 + CELL_BLOCK, N)
         for e in range(d):
