@@ -114,7 +114,9 @@ def _apply_columns(sflat, sg, dflat, dg, offsets, psrc, w, l, h, copy_from, acc)
     m = dg[7]
     sb = row_offset(sg, l, h, 0)
     db = row_offset(dg, l, h, 0)
-    row_of, n_need, uses = _merge_sources(offsets, psrc, w, l, h, copy_from, N)
+    n_merge = 0
+    for j in range(m):
+        n_merge += copy_from[j] < 0
     for e in range(d):
         col = sflat[sb + e * sg[4]:sb + e * sg[4] + N]
         o = db + e * dg[4]
@@ -122,8 +124,9 @@ def _apply_columns(sflat, sg, dflat, dg, offsets, psrc, w, l, h, copy_from, acc)
             s = copy_from[j]
             if s >= 0:
                 dflat[o + j * dg[3]] = col[s]
-    if uses == 0:
+    if n_merge == 0:
         return
+    row_of, n_need, uses = _merge_sources(offsets, psrc, w, l, h, copy_from, N)
     rows = np.empty((n_need, d), sflat.dtype)  # the merged slots' sources, transposed once
     for c0 in range(0, N, CELL_BLOCK):
         c1 = min(c0 + CELL_BLOCK, N)
