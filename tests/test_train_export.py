@@ -1,12 +1,13 @@
 """The embedded default model: GGUF export matches PyTorch through llama.cpp; the committed file loads.
 
-Logit agreement, measured (llama.cpp CPU, 1 thread, f16 KV cache, flash attention off and on, prompts of
-300-600 tokens, the GGUF's f16 weights read back into the float32 PyTorch model): max |llama.cpp - torch| /
-max |torch logit| is ~1e-4 on a randomly initialized model and ~3e-3 on the trained one (ggml rounds matmul
-inputs, queries and the KV cache to f16 while PyTorch stays in f32; the trained model's hand-initialized
-positional heads have large query weights, which makes those roundings matter more), with the same greedy
-token at every position.  Asserted: TOL = 1e-2 on that ratio and greedy agreement >= 98%.  The torch tests skip when torch is not installed (``make
-test`` does not install the ``train`` extra); the metadata test on the committed GGUF needs no torch.
+Logit agreement, measured (llama.cpp CPU, f16 KV cache, flash attention off and on, the GGUF's f16 weights
+read back into the float32 PyTorch model): max |llama.cpp - torch| / max |torch logit| is ~1e-4 on a randomly
+initialized model, 4.5e-4 on the committed model (1627-token task prompt) and up to 3e-3 on early
+checkpoints (ggml rounds matmul inputs, queries and the KV cache to f16 while PyTorch stays in f32; the
+hand-initialized positional heads have large query weights, which makes those roundings matter more), with
+the same greedy token at every position.  Asserted: TOL = 1e-2 on that ratio and greedy agreement >= 98%.
+The torch tests skip when torch is not installed (``make test`` does not install the ``train`` extra); the
+metadata test on the committed GGUF needs no torch.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ token of the Llama-2 vocabulary prefix the model uses, preceded by a cue that en
 - ``niah_multikey``: many such needles (distractors with other keys); one is asked.
 - ``variable_tracking``: ``VAR a = VALUE.`` then ``VAR b = a.`` ... (chains of 2-4) plus distractor chains; the
   answer prefix ``VAR d =`` makes the model walk the chain aloud (``c. VAR c = b. ... VAR a = VALUE.``).
-- ``multi_hop``: ``The box of KEY is BOX.`` and ``The box BOX holds VALUE.``; answered in two steps aloud.
+- ``multi_hop``: ``The box of KEY is BOX.`` and ``The box BOX contains VALUE.``; answered in two steps aloud.
 - ``qa_filler``: facts with varied relations (``The hometown of KEY is VALUE.``) inside natural paragraphs.
 
 Task records (the benchmark's JSONL format): ``{"id", "task", "context", "question", "answer"}``; the prompt is
@@ -208,13 +208,14 @@ def _chain(rng, keys, vals, f: Facts, n_chains: int, n_ask: int) -> None:
                         cont, v))
 
 
-def _hop(rng, keys, vals, f: Facts, n: int, n_ask: int) -> None:
+def _hop(rng, keys, vals, f: Facts, n: int, n_ask: int, verb: str = "contains") -> None:
+    """``verb`` should be one token (``holds`` is two here: ``▁h olds``, which moves the key one further back)."""
     for i in range(n):
         k, b, v = keys.pop(), keys.pop(), vals.pop()
-        f.inline += [f"The box of {k} is {b}.", f"The box {b} holds {v}."]
+        f.inline += [f"The box of {k} is {b}.", f"The box {b} {verb} {v}."]
         if i < n_ask:
             f.qas.append(QA("multi_hop", _q(f"What does the box of {k} hold?", f"The box of {k} is"),
-                            f" {b}. The box {b} holds {v}.", v))
+                            f" {b}. The box {b} {verb} {v}.", v))
 
 
 def _shuffled(rng: np.random.Generator, pools: tuple[list[str], list[str]]) -> tuple[list[str], list[str]]:
@@ -247,7 +248,7 @@ DEFAULT_MIX = (0.3, 0.25, 0.2, 0.25)
 
 
 def dense_facts(rng: np.random.Generator, n_tokens: int, pools: tuple[list[str], list[str]],
-                density: float, mix: tuple[float, ...] = DEFAULT_MIX) -> Facts:
+                density: float, mix: tuple[float, ...] = DEFAULT_MIX, hop_verb: str = "contains") -> Facts:
     """Training facts of every task type at once (``density`` ~ facts per 100 tokens, split by ``mix``), all
     asked in random order: multi-query associative-recall style supervision on long natural-filler contexts."""
     keys, vals = _shuffled(rng, pools)
@@ -257,7 +258,7 @@ def dense_facts(rng: np.random.Generator, n_tokens: int, pools: tuple[list[str],
     _niah(rng, keys, vals, f, int(counts[0]), int(counts[0]), "niah_multikey")
     _qa(rng, keys, vals, f, int(counts[1]), int(counts[1]))
     _chain(rng, keys, vals, f, max(1, int(counts[2]) // 3), 8)
-    _hop(rng, keys, vals, f, max(1, int(counts[3]) // 2), 8)
+    _hop(rng, keys, vals, f, max(1, int(counts[3]) // 2), 8, hop_verb)
     rng.shuffle(f.qas)
     return f
 
@@ -347,23 +348,26 @@ def generate_tasks(n: int, seed: int, min_tokens: int = 1024, max_tokens: int = 
 
 
 def training_text(asm: Assembler, rng: np.random.Generator, n_tokens: int, density: float,
-                  split: str = "train", mix: tuple[float, ...] = DEFAULT_MIX) -> tuple[str, list[tuple[int, int]]]:
+                  split: str = "train", mix: tuple[float, ...] = DEFAULT_MIX,
+                  supervise_stop: bool = True, hop_verb: str = "contains") -> tuple[str, list[tuple[int, int]]]:
     """One dense training sequence of ~``n_tokens`` tokens: filler with facts of all task types (``density``
     facts per 100 tokens; 0 gives plain text), then every question with its answer continuation.  Returns the
-    text and the character spans ``[start, end)`` of the continuations (where the answer loss applies)."""
+    text and the character spans ``[start, end)`` of the continuations, with ``supervise_stop`` including the
+    newline after each (where the answer loss applies)."""
     if density <= 0:
         return asm.context(rng, n_tokens, Facts(), split), []
-    f = dense_facts(rng, n_tokens, word_pools_cached(), density, mix)
+    f = dense_facts(rng, n_tokens, word_pools_cached(), density, mix, hop_verb)
     qa_tokens = sum(approx_tokens(q.question + q.continuation) for q in f.qas)
     ctx = asm.context(rng, max(64, n_tokens - qa_tokens), f, split)
     parts, spans, n = [ctx], [], len(ctx)
-    for q in f.qas:
+    stop = int(supervise_stop)  # a continuation is followed by a newline (the next question's, or a final
+    for q in f.qas:               # one): in the span, the model learns to stop where generation ends
         parts.append(q.question)
         n += len(q.question)
         parts.append(q.continuation)
-        spans.append((n, n + len(q.continuation)))
+        spans.append((n, n + len(q.continuation) + stop))
         n += len(q.continuation)
-    return "".join(parts), spans
+    return "".join(parts) + "\n" * stop, spans
 
 
 _POOLS: tuple[list[str], list[str]] | None = None
@@ -374,6 +378,26 @@ def word_pools_cached() -> tuple[list[str], list[str]]:
     if _POOLS is None:
         _POOLS = word_pools()
     return _POOLS
+
+
+def encode(tok_model, text: str, spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids int64 ``[T]`` of ``text`` with BOS, tokenized as ONE text by llama.cpp (``tok_model``, a
+    :class:`~kvmerge_local.bridge.LlamaModel`), and a bool ``[T]`` marking tokens that overlap a character span
+    ``[start, end)`` (the text must be ASCII).  Offsets come from the token pieces; SentencePiece's one added
+    leading space is subtracted."""
+    ids = tok_model.tokenize(text, add_bos=True).astype(np.int64)
+    is_ans = np.zeros(len(ids), dtype=bool)
+    if spans:
+        # characters per piece: byte-fallback pieces of one UTF-8 character (e.g. a lone space is the three
+        # bytes of U+2581 here, since id 29871 is outside the vocabulary prefix) count once, on the lead byte
+        lens = np.array([0] + [sum(1 for c in tok_model.piece(int(t)) if not 0x80 <= c < 0xC0) for t in ids[1:]],
+                        dtype=np.int64)
+        end = np.cumsum(lens) - 1
+        start = end - lens
+        for a, b in spans:
+            is_ans |= (end > a) & (start < b) & (lens > 0)
+        is_ans[0] = False
+    return ids, is_ans
 
 
 def llama_token_counter(model) -> Callable[[str], int]:

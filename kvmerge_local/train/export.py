@@ -6,9 +6,10 @@ prefix of that list is itself a valid byte-fallback SPM vocabulary, so llama.cpp
 training did), no ``output.weight`` (llama.cpp then ties the output to ``token_embd``), per-layer matrices and
 the embedding in F16 (about 8 MB for the default 4M-parameter model), norms in F32.  Q/K rows are written as
 trained: the model already uses llama.cpp's adjacent-pair (NORM) RoPE, so no permutation.  Writing and reading
-reuse :mod:`kvmerge_local.testing.tiny_model` (the project's GGUF writer and reader for LLAMA models).  ``kvmerge.*`` keys record seed and recipe hash.
+reuse :mod:`kvmerge_local.testing.tiny_model` (the project's GGUF writer and reader for LLAMA models).
+``kvmerge.*`` keys record seed and recipe hash.
 
-CLI: ``python -m kvmerge_local.train.export --ckpt /tmp/kvmerge-train/best.pt --out kvmerge_local/data/kvmerge-tiny.gguf``.
+CLI: ``python -m kvmerge_local.train.export --ckpt CKPT --out kvmerge_local/data/kvmerge-tiny.gguf --json ...``.
 """
 from __future__ import annotations
 
@@ -62,8 +63,8 @@ def export_gguf(model: LlamaLM, path: str | Path, *, weight_type: str = "f16", n
         raise ValueError("weight_type must be 'f16' or 'f32'")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    kv = {f"kvmerge.{k}": ((gguf.GGUFValueType.STRING, v) if isinstance(v, str) else (gguf.GGUFValueType.UINT64, int(v)))
-          for k, v in (extra or {}).items()}
+    kv = {f"kvmerge.{k}": (gguf.GGUFValueType.STRING, v) if isinstance(v, str)
+          else (gguf.GGUFValueType.UINT64, int(v)) for k, v in (extra or {}).items()}
     _write_gguf(path, to_tiny_weights(model), _read_vocab("llama2-small", model.c.n_vocab), weight_type=weight_type,
                 embed_type=weight_type, tie_embeddings=True, chat_template=None, name=name, extra_kv=kv)
     logger.info("wrote %s (%s, %.2f MB)", path, weight_type, path.stat().st_size / 1e6)

@@ -46,33 +46,17 @@ def tokenizer_model():
     return LlamaModel(TOKENIZER_GGUF)
 
 
-def encode(tok_model, text: str, spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids int64 ``[T]`` of ``text`` with BOS, tokenized as ONE text by llama.cpp, and a bool ``[T]``
-    marking tokens that overlap an answer span (character offsets; the text must be ASCII).  Offsets come
-    from the token pieces (SentencePiece adds one leading space, which is subtracted)."""
-    ids = tok_model.tokenize(text, add_bos=True).astype(np.int64)
-    is_ans = np.zeros(len(ids), dtype=bool)
-    if spans:
-        # characters per piece: byte-fallback pieces of one UTF-8 character (e.g. a lone space is the three
-        # bytes of U+2581 here, since id 29871 is outside the vocabulary prefix) count once, on the lead byte
-        lens = np.array([0] + [sum(1 for c in tok_model.piece(int(t)) if not 0x80 <= c < 0xC0) for t in ids[1:]],
-                        dtype=np.int64)
-        end = np.cumsum(lens) - 1
-        start = end - lens
-        for a, b in spans:
-            is_ans |= (end > a) & (start < b) & (lens > 0)
-        is_ans[0] = False
-    return ids, is_ans
-
-
 class Batcher:
     """Deterministic batches: step ``s`` uses ``np.random.default_rng([seed, s])``."""
 
-    def __init__(self, corpus: data.Corpus, tok_model, seed: int, mix: tuple[float, ...] = data.DEFAULT_MIX) -> None:
+    def __init__(self, corpus: data.Corpus, tok_model, seed: int, mix: tuple[float, ...] = data.DEFAULT_MIX,
+                 supervise_stop: bool = True, hop_verb: str = "contains") -> None:
         self.asm = data.Assembler(corpus, data.llama_token_counter(tok_model))
         self.tok = tok_model
         self.seed = seed
         self.mix = mix
+        self.supervise_stop = supervise_stop
+        self.hop_verb = hop_verb
 
     def batch(self, step: int, seq_len: int, batch: int, density: float, plain: float,
               split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,10 +66,12 @@ class Batcher:
         mask = np.zeros((batch, seq_len), bool)
         for b in range(batch):
             dens = 0.0 if rng.random() < plain else density * float(rng.uniform(0.3, 1.0))
-            text, spans = data.training_text(self.asm, rng, seq_len - 16, dens, split, self.mix)
-            ids, ans = encode(self.tok, text, spans)
+            text, spans = data.training_text(self.asm, rng, seq_len - 16, dens, split, self.mix,
+                                             self.supervise_stop, self.hop_verb)
+            ids, ans = data.encode(self.tok, text, spans)
             if len(ids) >= seq_len:  # keep the end (the questions), drop the start of the filler
-                ids, ans = np.concatenate([ids[:1], ids[-(seq_len - 1):]]), np.concatenate([ans[:1], ans[-(seq_len - 1):]])
+                ids = np.concatenate([ids[:1], ids[-(seq_len - 1):]])
+                ans = np.concatenate([ans[:1], ans[-(seq_len - 1):]])
             n = len(ids)
             toks[b, :n], mask[b, :n] = ids, ans
             if n < seq_len:
@@ -114,7 +100,7 @@ def eval_tasks(model: LlamaLM, tok_model, records: list[dict]) -> dict[str, floa
     for r in records:
         text = r["context"] + r["question"] + r["continuation"]
         a = len(r["context"]) + len(r["question"])
-        ids, ans = encode(tok_model, text, [(a, a + len(r["continuation"]))])
+        ids, ans = data.encode(tok_model, text, [(a, a + len(r["continuation"]))])
         t = torch.from_numpy(ids)[None]
         pred = model(t[:, :-1]).argmax(-1)[0]
         ok = bool((pred == t[0, 1:])[torch.from_numpy(ans[1:])].all())
@@ -140,6 +126,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mix", default=json.dumps(data.DEFAULT_MIX), help="JSON shares of needle, qa, "
                     "variable-chain and multi-hop facts in training sequences")
     ap.add_argument("--step0", type=int, default=0, help="first step number (batch seeds continue from it)")
+    ap.add_argument("--no-stop-span", action="store_true", help="do not supervise the newline after answers "
+                    "(run 1 of the committed model was trained so)")
+    ap.add_argument("--hop-verb", default="contains", help="relation word of the second multi-hop fact (run 1 "
+                    "of the committed model used 'holds', two tokens)")
+    ap.add_argument("--stop-at", type=int, default=0, help="end the run after this step (keeps the schedule)")
     ap.add_argument("--no-circuit", action="store_true", help="plain init (no hand-set retrieval circuit)")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -158,21 +149,24 @@ def main(argv: list[str] | None = None) -> None:
     corpus = data.load_corpus()
     tok = tokenizer_model()
     mix = tuple(json.loads(args.mix))
-    batcher = Batcher(corpus, tok, args.seed, mix)
+    batcher = Batcher(corpus, tok, args.seed, mix, supervise_stop=not args.no_stop_span, hop_verb=args.hop_verb)
     evals = {n: data.generate_tasks(args.eval_n, seed=args.seed + 7, min_tokens=n // 2, max_tokens=n,
                                     corpus=corpus, split="heldout", count_tokens=data.llama_token_counter(tok))
              for n in sorted({s[0] for s in stages})}
     total = sum(s[4] for s in stages)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
     meta = dict(config=dataclasses.asdict(cfg), seed=args.seed, lr=args.lr, lm_weight=args.lm_weight, stages=stages,
-                circuit=circuit, n_params=model.n_params(), mix=mix, step0=args.step0, resume=args.resume)
+                circuit=circuit, n_params=model.n_params(), mix=mix, step0=args.step0, resume=args.resume,
+                supervise_stop=not args.no_stop_span, hop_verb=args.hop_verb)
     if args.resume:
         meta["resumed_from"] = torch.load(args.resume)["meta"]
     (out / "run.json").write_text(json.dumps(meta, indent=1))
     step, seen, t0, best = 0, 0, time.time(), -1.0
     hist: list[dict] = []
     for seq_len, batch, density, plain, n_steps in stages:
-        for _ in range(n_steps):
+        if args.stop_at and step >= args.stop_at:
+            break
+        for _ in range(n_steps if not args.stop_at else min(n_steps, args.stop_at - step)):
             lr = args.lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / total)))
             for gr in opt.param_groups:
                 gr["lr"] = lr
@@ -189,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
                 el = time.time() - t0
                 logger.info("step %d len %d ans_loss %.3f lm_loss %.3f ans_acc %.3f lr %.2e tokens %d %.0f tok/s",
                             step, seq_len, la.item(), ll.item(), acc.item(), lr, seen, seen / el)
-            if step % args.eval_every == 0 or step == total:
+            if step % args.eval_every == 0 or step in (total, args.stop_at):
                 ev = eval_tasks(model, tok, evals[seq_len])
                 rec = dict(step=step, seq_len=seq_len, tokens=seen, seconds=round(time.time() - t0), eval=ev,
                            ans_loss=la.item(), lm_loss=ll.item())
