@@ -15,6 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .defaults import DEFAULT_METHOD
 from .errors import KVMergeError
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ def _budget(s: str):
 def _session_args(p: argparse.ArgumentParser, doc_required: bool = True) -> None:
     p.add_argument("--model", default=None, help="GGUF path or models.txt name (default: the embedded model)")
     p.add_argument("--doc", required=doc_required, type=Path, help=".txt, .md or .pdf document")
-    p.add_argument("--method", default="kvmerger", help="compression method (see `kvmerge-local methods`)")
+    p.add_argument("--method", default=DEFAULT_METHOD, help="compression method (see `kvmerge-local methods`)")
     p.add_argument("--budget", type=_budget, default=0.5, help="fraction of tokens to keep, or a cell count")
     p.add_argument("--n-ctx", type=int, default=2048)
     p.add_argument("--kv-type", default="f16", choices=["f16", "f32", "bf16", "q8_0", "q4_0"])
@@ -198,7 +199,7 @@ def cmd_demo(a) -> int:
         raise KVMergeError(f"the bundled sample PDF is missing: {pdf} (run scripts/make_sample_pdf.py)")
     with tempfile.TemporaryDirectory(prefix="kvmerge-demo-") as tmp:
         model, tiny = _demo_model(Path(tmp))
-        with Session.open(model, n_ctx=a.n_ctx, method="kvmerger", budget=0.5, n_threads=a.threads) as s:
+        with Session.open(model, n_ctx=a.n_ctx, method=DEFAULT_METHOD, budget=0.5, n_threads=a.threads) as s:
             st = _ingest(s, pdf, a.quiet)
             print(f"document: {pdf.name}, {len(s.pages)} pages, {st.tokens_ingested} tokens")
             print(f"question: {DEMO_QUESTION} (the sample says, on page 2: mill)")

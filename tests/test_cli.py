@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from kvmerge_local.cli import main
+from kvmerge_local.defaults import DEFAULT_METHOD
 
 DOC_TEXT = "The bridge over the Arn river was finished in 1902. It is made of grey stone. " * 30
 
@@ -30,7 +31,7 @@ def test_ask_json_prints_one_object(model_path, tmp_path, capsys):
     for key in ("tokens_ingested", "cells_in_use", "kv_bytes_full", "kv_bytes_now", "ratio", "t_prefill",
                 "t_compact", "t_decode", "method", "budget"):
         assert key in st
-    assert st["method"] == "kvmerger" and st["tokens_ingested"] > 256 and st["cells_in_use"] <= 256
+    assert st["method"] == DEFAULT_METHOD and st["tokens_ingested"] > 256 and st["cells_in_use"] <= 256
 
 
 @pytest.mark.llama

@@ -8,6 +8,7 @@ import time
 
 import pytest
 from gradio_client import Client, handle_file
+from kvmerge_local.defaults import DEFAULT_METHOD
 from gradio_client.exceptions import AppError
 
 from test_ui_support import STORY, TIMEOUT, answers, make_pdf, norm, served_app, text_of
@@ -59,7 +60,7 @@ def client(app) -> Client:
 
 def ingest(c: Client, path, model: str):
     """Upload ``path`` and ingest it with the default picker values; the handler's outputs."""
-    job = c.submit(handle_file(str(path)), model, "kvmerger", 0.5, "f16", N_CTX, api_name="/ingest")
+    job = c.submit(handle_file(str(path)), model, DEFAULT_METHOD, 0.5, "f16", N_CTX, api_name="/ingest")
     return job.result(timeout=TIMEOUT)
 
 
@@ -193,7 +194,7 @@ def test_stop_ends_a_long_answer_early(tiny_llama_small, docs, model):
     assert len(full) > 3000, "the tiny model ends its answer early: nothing to stop"
     with served_app(tiny_llama_small, docs["dir"] / "saved_stop", n_ctx=2048, max_new_tokens=long_new) as app:
         c = client(app)
-        c.submit(handle_file(str(docs["pdf"])), model, "kvmerger", 0.5, "f16", 2048,
+        c.submit(handle_file(str(docs["pdf"])), model, DEFAULT_METHOD, 0.5, "f16", 2048,
                  api_name="/ingest").result(timeout=TIMEOUT)
         job = c.submit(Q1, api_name="/ask")
         deadline = time.monotonic() + TIMEOUT

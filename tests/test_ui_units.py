@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+from kvmerge_local.defaults import DEFAULT_METHOD
 
 from ui.choices import (EMBEDDED, Settings, embedded_model, installed_models, kv_type_choices, method_choices,
                         model_choices)
@@ -88,9 +89,9 @@ def test_citations_markdown_reports_span_and_share():
 
 
 def test_settings_from_ui_and_fingerprint():
-    s = Settings.from_ui(EMBEDDED, "kvmerger", 0.5, "f16", "2048")
-    assert s == Settings(model=None, method="kvmerger", budget=0.5, kv_type="f16", n_ctx=2048)
-    assert s.open_kwargs() == {"n_ctx": 2048, "kv_type": "f16", "method": "kvmerger", "budget": 0.5}
+    s = Settings.from_ui(EMBEDDED, DEFAULT_METHOD, 0.5, "f16", "2048")
+    assert s == Settings(model=None, method=DEFAULT_METHOD, budget=0.5, kv_type="f16", n_ctx=2048)
+    assert s.open_kwargs() == {"n_ctx": 2048, "kv_type": "f16", "method": DEFAULT_METHOD, "budget": 0.5}
     assert s.fingerprint() == Settings().fingerprint()
     assert s.fingerprint() != Settings(budget=0.25).fingerprint()
     assert "embedded default" in s.describe()
@@ -148,7 +149,7 @@ def test_library_lists_complete_entries_newest_first(tmp_path):
     listed = lib.list()
     assert [d.name for d in listed] == ["new.txt", "old.pdf"]
     assert listed[1].pages == [(1, 0, 9)] and listed[1].settings == Settings(budget=0.5)
-    assert "200 tokens" in listed[0].label() and "kvmerger @ 25%" in listed[0].label()
+    assert "200 tokens" in listed[0].label() and f"{DEFAULT_METHOD} @ 25%" in listed[0].label()
     assert lib.find("1" * 64, Settings(budget=0.25)).name == "new.txt"
     assert lib.find("1" * 64, Settings(budget=0.5)) is None
     assert lib.get("../etc") is None

@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvmerge_local.defaults import DEFAULT_METHOD
+
 EMBEDDED = "embedded"
 """Model picker value for the embedded default model (``Session.open(model=None)``)."""
 
@@ -26,7 +28,7 @@ class Settings:
     """The choices one ingestion is made with; a saved cache is only reused for the same ones."""
 
     model: str | None = None
-    method: str = "kvmerger"
+    method: str = DEFAULT_METHOD
     budget: float = 0.5
     kv_type: str = "f16"
     n_ctx: int = 2048
@@ -100,10 +102,10 @@ def model_choices(preferred: str | None = None) -> list[tuple[str, str]]:
 
 
 def method_choices() -> list[tuple[str, str]]:
-    """(label, value) for every method of the registry (``kvmerger`` first)."""
+    """(label, value) for every method of the registry (the default first, then the other KVMerger variants)."""
     from kvmerge_local.methods import REGISTRY
 
-    names = sorted(REGISTRY, key=lambda n: (not n.startswith("kvmerger"), n))
+    names = sorted(REGISTRY, key=lambda n: (n != DEFAULT_METHOD, not n.startswith("kvmerger"), n))
     return [(n, n) for n in names]
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from ..bridge import KV_TYPES, KVBridge, LlamaContext, LlamaModel
 from ..bridge.state import row_bytes
 from ..errors import KVMergeError
-from ..methods import Full, Method, get_method, resolve_budget
+from ..methods import DEFAULT_METHOD, Full, Method, get_method, resolve_budget
 from .chat import FORMATS, detect_format
 from .compaction import CacheBook, compact
 from .conversation import TAIL_CHARS, Conversation
@@ -71,7 +71,7 @@ class Session(Conversation, Persistence):
     @classmethod
     def open(cls, model: str | os.PathLike | None = None, *, n_ctx: int = 2048, n_gpu_layers: int = 0,
              kv_type: str = "f16", flash_attn: bool = True, n_threads: int | None = None,
-             method: str | Method = "kvmerger", budget: float | int = 0.5, position_policy: str = "auto",
+             method: str | Method = DEFAULT_METHOD, budget: float | int = 0.5, position_policy: str = "auto",
              seed: int = 0, method_params: dict | None = None, chat_format: str | None = None) -> Session:
         """Open ``model`` (a GGUF path, a ``models.txt`` name, or None for the embedded default).
 

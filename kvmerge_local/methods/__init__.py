@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+from ..defaults import DEFAULT_METHOD
 from .base import EVIDENCE_KINDS, Method, Selection, protected_counts, resolve_budget
 from .cam import CaM
 from .full import Full
@@ -77,5 +78,5 @@ def _short(m: Method) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in m.params().items())
 
 
-__all__ = ["REGISTRY", "get_method", "describe_methods", "resolve_budget", "protected_counts", "EVIDENCE_KINDS",
+__all__ = ["DEFAULT_METHOD", "REGISTRY", "get_method", "describe_methods", "resolve_budget", "protected_counts", "EVIDENCE_KINDS",
            "Method", "Selection", "Full", "StreamingLLM", "H2O", "SnapKV", "TOVA", "CaM", "KVMerger"]
