@@ -141,22 +141,18 @@ class KVBridge:
     def compact(self, plan: Plan, st: KVState | None = None) -> KVState:
         """Apply ``plan`` to the cache (read now unless ``st`` is given) and write the result back.
 
-        On any failure (bad plan, kernel error, llama.cpp refusing the blob) the original cache is
-        restored before the exception propagates.
+        A bad plan or a kernel error raises before the context is touched; if llama.cpp refuses the
+        compacted blob, ``st`` is written back before the exception propagates (:meth:`replace`).
         """
         st = self.read() if st is None else st
         t0 = time.perf_counter()
-        try:
-            plan.validate()
-            out = None
-            if self.reuse_buffers:
-                if self._out_buf is None or self._out_buf.nbytes < st.blob.nbytes:
-                    self._out_buf = np.empty(st.blob.nbytes, np.uint8)  # m <= N cells always fit
-                out = None if np.shares_memory(self._out_buf, st.blob) else self._out_buf
-            new = apply_plan_to_state(st, plan, out)
-        except BaseException:
-            self.write(st)  # the context may have been touched by the caller; make it whole
-            raise
+        plan.validate()
+        out = None
+        if self.reuse_buffers:
+            if self._out_buf is None or self._out_buf.nbytes < st.blob.nbytes:
+                self._out_buf = np.empty(st.blob.nbytes, np.uint8)  # m <= N cells always fit
+            out = None if np.shares_memory(self._out_buf, st.blob) else self._out_buf
+        new = apply_plan_to_state(st, plan, out)
         self.timings["apply"] = time.perf_counter() - t0
         self.replace(new, st)
         return new

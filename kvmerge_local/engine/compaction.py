@@ -146,21 +146,18 @@ def compact(bridge: KVBridge, method, book: CacheBook, m: int, *, reindex: bool,
         res = CompactResult(st.n_cells, plan.m, reindex, time.perf_counter() - t0)
         log.info("compaction of %d cells is the identity: nothing written (%.3fs)", res.n_before, res.seconds)
         return new_book, res
-    try:
-        wplan = Plan(plan.n_in, plan.offsets, plan.src, plan.wk, plan.wv, rope_pos)
-        wplan.validate()
-        new = apply_plan_to_state(st, wplan)
-        if reindex:
-            if rope is None:
-                raise ValueError("re-indexing needs the model's RoPE parameters")
-            target = np.arange(plan.m, dtype=np.int32)
-            rerotate_state_keys(new, target[None, None, :] - rope_pos, rope)
-            new.pos[:] = target
-            new_book.rope_pos = np.ascontiguousarray(np.broadcast_to(target, rope_pos.shape))
-        bridge.replace(new, st)
-    except BaseException:
-        bridge.write(st)
-        raise
+    # everything up to ``replace`` works on the new blob only; ``replace`` writes ``st`` back if refused
+    wplan = Plan(plan.n_in, plan.offsets, plan.src, plan.wk, plan.wv, rope_pos)
+    wplan.validate()
+    new = apply_plan_to_state(st, wplan)
+    if reindex:
+        if rope is None:
+            raise ValueError("re-indexing needs the model's RoPE parameters")
+        target = np.arange(plan.m, dtype=np.int32)
+        rerotate_state_keys(new, target[None, None, :] - rope_pos, rope)
+        new.pos[:] = target
+        new_book.rope_pos = np.ascontiguousarray(np.broadcast_to(target, rope_pos.shape))
+    bridge.replace(new, st)
     if evidence_on:
         bridge.reset_evidence()
     res = CompactResult(st.n_cells, plan.m, reindex, time.perf_counter() - t0)
