@@ -13,27 +13,18 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from _timing import best  # noqa: E402
 from kvmerge_local.bridge import KVBridge, LlamaContext, LlamaModel, apply_plan_to_state, new_state  # noqa: E402
 from kvmerge_local.bridge import _lib  # noqa: E402
 from kvmerge_local.bridge.state import parse_state  # noqa: E402
 from kvmerge_local.plan import Plan  # noqa: E402
 from kvmerge_local.testing.tiny_model import make_tiny_llama  # noqa: E402
-
-
-def best(fn, repeat: int) -> float:
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return min(ts)
 
 
 def selection_plan(L: int, H: int, N: int, m: int, seed: int = 0) -> Plan:
@@ -44,8 +35,8 @@ def selection_plan(L: int, H: int, N: int, m: int, seed: int = 0) -> Plan:
         for h in range(H):
             src[l, h, :-1] = np.sort(rng.choice(N - 1, m - 1, replace=False))
             src[l, h, -1] = N - 1
-    offsets = (np.arange(L * H * m + 1, dtype=np.int64)[:-1].reshape(L, H, m))
-    offsets = np.concatenate([offsets, offsets[..., -1:] + 1], axis=2)
+    first = np.arange(L * H * m, dtype=np.int64).reshape(L, H, m)
+    offsets = np.concatenate([first, first[..., -1:] + 1], axis=2)
     nnz = L * H * m
     return Plan(n_in=N, offsets=offsets, src=src.reshape(-1), wk=np.ones(nnz, np.float32),
                 wv=np.ones(nnz, np.float32), pos=src.copy())

@@ -12,26 +12,16 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
+from _timing import best  # noqa: E402
 from kvmerge_local import codec  # noqa: E402
 
 log = logging.getLogger(__name__)
-
-
-def _best(fn, repeat: int) -> float:
-    """Best wall time in seconds of ``repeat`` calls of fn()."""
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main() -> None:
@@ -52,7 +42,7 @@ def main() -> None:
     print(f"cache: {L} layers x {R} rows x {W} elems; numba threads={numba.get_num_threads()}, "
           f"cpu count={os.cpu_count()}; best of {args.repeat}")
 
-    t = _best(lambda: [np.copyto(y2[i], y[i]) for i in range(L)], args.repeat)
+    t = best(lambda: [np.copyto(y2[i], y[i]) for i in range(L)], args.repeat)
     print(f"  memcpy float32 ({f32_gb:.3f} GB)           {t * 1e3:8.1f} ms  {f32_gb / t:6.2f} GB/s")
 
     for type_id in (codec.GGML_TYPE_F16, codec.GGML_TYPE_Q8_0):
@@ -62,10 +52,10 @@ def main() -> None:
         codec.dequantize_rows_at(raw[0], type_id, sel, yg)   # compile / warm up
         codec.dequantize_rows(raw[0], type_id, y[0])
         raw_gb = sum(r.nbytes for r in raw) / 1e9
-        t_copy = _best(lambda: [np.copyto(raw2[i], raw[i]) for i in range(L)], args.repeat)
-        t_deq = _best(lambda: [codec.dequantize_rows(raw[i], type_id, y[i]) for i in range(L)], args.repeat)
-        t_q = _best(lambda: [codec.quantize_rows(x[i], type_id, raw2[i]) for i in range(L)], args.repeat)
-        t_g = _best(lambda: [codec.dequantize_rows_at(raw[i], type_id, sel, yg) for i in range(L)], args.repeat)
+        t_copy = best(lambda: [np.copyto(raw2[i], raw[i]) for i in range(L)], args.repeat)
+        t_deq = best(lambda: [codec.dequantize_rows(raw[i], type_id, y[i]) for i in range(L)], args.repeat)
+        t_q = best(lambda: [codec.quantize_rows(x[i], type_id, raw2[i]) for i in range(L)], args.repeat)
+        t_g = best(lambda: [codec.dequantize_rows_at(raw[i], type_id, sel, yg) for i in range(L)], args.repeat)
         print(f"{name}: raw cache {raw_gb:.3f} GB")
         print(f"  memcpy raw                         {t_copy * 1e3:8.1f} ms  {raw_gb / t_copy:6.2f} GB/s raw")
         for label, t in (("dequantize_rows (raw -> f32)", t_deq), ("quantize_rows   (f32 -> raw)", t_q)):

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 
 import numpy as np
 
+from _timing import best_of
 from kvmerge_local.kernels.apply import apply_plan
 from kvmerge_local.methods import REGISTRY, resolve_budget
 
@@ -41,21 +41,6 @@ def make_cache(L, H, N, d, v_layout, seed=0):
         values = rng.standard_normal((L, H, N, d), dtype=np.float32).astype(np.float16)
     evidence = rng.gamma(0.5, 1.0, (L, H, N)).astype(np.float32)
     return keys, values, evidence
-
-
-def best_of(fn, repeat):
-    """(wall, cpu): minimum wall time and minimum process CPU time of ``repeat`` calls (after a warm-up).
-
-    On a shared machine the CPU time is the steadier figure (it leaves out time spent descheduled).
-    """
-    fn()
-    wall, cpu = [], []
-    for _ in range(repeat):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return min(wall), min(cpu)
 
 
 def bench_shape(name, L, H, d, N, budget, methods, repeat, v_layout):

@@ -44,12 +44,13 @@ def random_plan(L: int, H: int, N: int, m: int, *, seed: int = 0, merge: bool = 
                         members.append(nxt)
                         nxt += 1
                 g = rng.uniform(0.2, 1.0, len(members)).astype(np.float32)
-                g /= g.sum()
+                if len(members) == 1:
+                    g[:] = 1.0  # a copy slot (the draw still advances the generator, as before)
+                else:
+                    g /= g.sum()
                 src += members
                 wk += g.tolist()
-                wv += (g * (1.0 if len(members) == 1 else 1.5)).tolist() if len(members) > 1 else [1.0]
-                if len(members) == 1:
-                    wk[-1] = 1.0
+                wv += (g * 1.5).tolist() if len(members) > 1 else [1.0]
                 n += len(members)
                 offsets[l, h, j + 1] = n
                 pos[l, h, j] = c
