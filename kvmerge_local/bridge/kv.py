@@ -157,6 +157,15 @@ class KVBridge:
         self.replace(new, st)
         return new
 
+    def cell_positions(self) -> np.ndarray:
+        """int32[N]: the position of each of the sequence's cells, in blob order."""
+        return np.asarray(_lib.seq_cells(self.ctx.ptr, self.seq_id)[1], np.int32)
+
+    def remove_from(self, p0: int) -> None:
+        """Remove every cell of the sequence at position ``>= p0`` (llama.cpp's ``seq_rm``)."""
+        if not _lib.memory_seq_rm(self.ctx.ptr, self.seq_id, int(p0), -1):
+            raise KVMergeError(f"llama.cpp refused to remove the cells from position {p0}")
+
     # --- evidence ------------------------------------------------------------------------------------
     def enable_evidence(self, window: int) -> None:
         """Accumulate evidence from now on: the last ``window`` queries of each decode (0: all)."""

@@ -33,6 +33,7 @@ from .conversation import TAIL_CHARS, Conversation
 from .documents import load_document, page_token_spans
 from .persist import Persistence
 from .positions import RopeParams
+from .replay import FIRST_PROMPT, LATER_PROMPT, replay_scores
 from .stats import IngestProgress, Stats
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,7 @@ class Session(Conversation, Persistence):
         self.book = CacheBook.empty(g.n_layer, g.n_kv_head)
         self._doc_cells = 0
         self._doc_tokens = 0
+        self._doc_ids, self._replayed = np.zeros(0, np.int32), 0
         self._doc_tail, self._doc_last = "", None
         self._doc_name, self._doc_sha = "", ""
         self._pages: list[tuple[int, int, int]] = []
@@ -190,6 +192,7 @@ class Session(Conversation, Persistence):
                              "pick a compressing method or a larger n_ctx")
         self._close_active()
         self._reset_cache()
+        self._doc_ids, self._replayed = np.asarray(toks, np.int32), 0
         win = self._evidence_window()
         try:
             if win is not None:
@@ -233,6 +236,8 @@ class Session(Conversation, Persistence):
                 report(i, "compact")
             t0 = time.perf_counter()
             p0 = self.ctx.n_past
+            if ev_on and self.method.evidence_kind == "window":
+                self.bridge.reset_evidence()  # the observation window is the last queries before a compaction
             self.ctx.decode(part, logits="none")
             self._t_prefill += time.perf_counter() - t0
             self.book.append(np.arange(i, i + len(part)), np.arange(p0, p0 + len(part)))
@@ -256,11 +261,28 @@ class Session(Conversation, Persistence):
             reindex = False
         else:
             reindex = self.ctx.n_past + upcoming + self.reserve > self.n_ctx_train
+        if self.method.evidence_kind == "reconstruct":
+            self.book.evidence = np.maximum(self.book.evidence, self._replay_scores())
+            ev_on = False
         self.book, res = compact(self.bridge, self.method, self.book, m, reindex=reindex,
                                  rope=self.rope if reindex else None, evidence_on=ev_on)
         self._t_compact += res.seconds
         self._n_compactions += 1
         self._n_reindex += int(res.reindexed)
+
+    def _replay_scores(self) -> np.ndarray:
+        """float32[L, H, N]: KVzip scores of the cells now cached, from replaying the document tokens not
+        replayed yet (each token is replayed once; earlier cells keep the larger of old and new scores)."""
+        hi = int(self.book.doc_pos.max()) + 1
+        toks = self._doc_ids[self._replayed:hi]
+        t0 = time.perf_counter()
+        first = self.model.tokenize("\n\n" + FIRST_PROMPT + "\n")
+        later = self.model.tokenize("\n\n" + LATER_PROMPT)
+        scores = replay_scores(self.bridge, toks, first, later, chunk_size=int(getattr(self.method, "chunk_size", 512)),
+                               step=int(getattr(self.method, "step", 16)))
+        self._replayed = hi
+        self._t_compact += time.perf_counter() - t0
+        return scores
 
     def _reset_cache(self) -> None:
         self.ctx.clear()

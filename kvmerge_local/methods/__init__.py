@@ -14,6 +14,7 @@ from .cam import CaM
 from .full import Full
 from .h2o import H2O
 from .kvmerger import KVMerger
+from .kvzip import KVzip
 from .snapkv import SnapKV
 from .streaming_llm import StreamingLLM
 from .tova import TOVA
@@ -34,6 +35,7 @@ REGISTRY: dict[str, Method] = {
     "kvmerger+budget": KVMerger(mode="budget"),
     "kvmerger+sigma5": KVMerger(sigma=5.0),
     "kvmerger+skip": KVMerger(skip_layers=(0, 1, -1)),
+    "kvzip": KVzip(),
 }
 REGISTRY["cam"] = REGISTRY["cam+streaming_llm"]
 
@@ -79,4 +81,4 @@ def _short(m: Method) -> str:
 
 
 __all__ = ["DEFAULT_METHOD", "REGISTRY", "get_method", "describe_methods", "resolve_budget", "protected_counts", "EVIDENCE_KINDS",
-           "Method", "Selection", "Full", "StreamingLLM", "H2O", "SnapKV", "TOVA", "CaM", "KVMerger"]
+           "Method", "Selection", "Full", "StreamingLLM", "H2O", "SnapKV", "TOVA", "CaM", "KVMerger", "KVzip"]

@@ -11,7 +11,8 @@ Interface (what the engine calls)::
   None for ``arange(N)``.
 - ``evidence``: float32 ``[n_layer, n_kv_head, N]`` or None; what it must hold is declared by the method's
   ``evidence_kind`` ("none", "window" = attention column sums over the last ``window`` queries, "all" =
-  over all prompt queries, "last" = the last query only).
+  over all prompt queries, "last" = the last query only, "reconstruct" = KVzip's max attention of queries
+  replaying the document, see :mod:`kvmerge_local.engine.replay`).
 - Every (layer, head) gets exactly ``m`` slots sorted by position, the newest cell always kept; the plan is
   the identity when ``m >= N``.
 """
@@ -29,7 +30,7 @@ from ..plan import Plan
 
 log = logging.getLogger(__name__)
 
-EVIDENCE_KINDS = ("none", "window", "all", "last")
+EVIDENCE_KINDS = ("none", "window", "all", "last", "reconstruct")
 
 
 def resolve_budget(budget: float | int, n: int) -> int:

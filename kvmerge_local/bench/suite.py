@@ -1,0 +1,174 @@
+"""The real-model suite runner: compress each document once per (method, budget), ask all its questions.
+
+For one document (a :mod:`.ruler` record) and one session:
+
+1. the document is ingested in full (no compression; the session must fit it) while the patch accumulates
+   attention over every prefill query (H2O's evidence, read at the end of the prefill);
+2. the last ``window`` document tokens are decoded again with evidence on (SnapKV's observation window,
+   the paper's definition: the queries just before compression), then the last token (TOVA's);
+3. KVzip's replay scores are measured once (:func:`~kvmerge_local.engine.replay.replay_scores`);
+4. the full cache is kept (a state blob), and for every (method, budget): the blob is written back, the
+   session compacts it with the method and the evidence of its kind -- the same ``compact`` the engine's
+   ingest uses -- and every question is asked on that one compressed cache (``reset_chat`` between
+   questions), greedy, up to a newline or ``max_new_tokens``.
+
+Sharing steps 1-3 across configurations is what makes a real-model suite affordable on 2 cores: the prefill
+and the replay are paid once per document, not once per configuration.  Compaction and decoding are real.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from ..methods import Method, resolve_budget
+from .ruler import score_all
+
+log = logging.getLogger(__name__)
+
+SNAP_WINDOW = 32
+
+
+@dataclasses.dataclass
+class SuiteConfig:
+    """``prompt``: "chat" (the model's template, the question as the user turn, RULER's answer prefix
+    after the assistant header) or "raw" (document, then question with its answer prefix as plain text)."""
+
+    prompt: str = "chat"
+    max_new_tokens: int = 16
+    max_new_tokens_long: int = 64
+
+
+def _max_new(q: dict, cfg: SuiteConfig) -> int:
+    many = len(q["answer"]) > 1
+    uuid = q.get("shape") == "uuid"
+    return cfg.max_new_tokens_long if (many or uuid) else cfg.max_new_tokens
+
+
+def _split_question(text: str) -> tuple[str, str]:
+    """RULER question "Q? Answer prefix" -> (question, answer prefix)."""
+    if "? " in text:
+        q, pre = text.split("? ", 1)
+        return q + "?", pre
+    return text, ""
+
+
+def ask(session, q: dict, cfg: SuiteConfig) -> str:
+    """The reply to question ``q`` on the session's current cache (greedy, up to the first line break)."""
+    session.reset_chat()
+    question, prefix = _split_question(q["question"])
+    if cfg.prompt == "raw":
+        gen = session.ask(" " + q["question"], max_new_tokens=_max_new(q, cfg), raw=True)
+    else:
+        gen = session.ask(question, max_new_tokens=_max_new(q, cfg), answer_prefix=" " + prefix if prefix else "")
+    out = ""
+    try:
+        for piece in gen:
+            out += piece
+            if "\n" in out.strip():
+                break
+    finally:
+        gen.close()
+    return out.strip().split("\n", 1)[0]
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A document ingested in full: its state, book and the evidence of every kind (float32[L, H, N])."""
+
+    state: object
+    doc_pos: np.ndarray
+    rope_pos: np.ndarray
+    evidence: dict[str, np.ndarray]
+    n_tokens: int
+    seconds: dict[str, float]
+
+
+def prepare(session, context: str, *, need_replay: bool) -> Prepared:
+    """Ingest ``context`` uncompressed and collect the evidence kinds (see the module docstring)."""
+    from ..methods import H2O  # noqa: PLC0415
+
+    session.method, session.budget = H2O(), 1.0
+    captured: dict[str, np.ndarray] = {}
+
+    def grab(p) -> None:  # the accumulator is freed when ingest returns: read it after the last chunk
+        if p.phase == "prefill" and p.done_tokens == p.total_tokens:
+            captured["all"] = session.bridge.evidence()
+
+    t0 = time.perf_counter()
+    session.ingest(context, progress=grab)
+    t_prefill = time.perf_counter() - t0
+    br, ctx, toks = session.bridge, session.ctx, session._doc_ids
+    n = len(toks)
+    ev = {"all": captured["all"], "none": None}
+    w = min(SNAP_WINDOW, n - 1)
+    br.enable_evidence(0)
+    try:
+        br.remove_from(n - w)
+        br.reset_evidence()
+        ctx.decode(toks[n - w:], logits="none")
+        ev["window"] = br.evidence()
+        br.remove_from(n - 1)
+        br.reset_evidence()
+        ctx.decode(toks[n - 1:], logits="none")
+        ev["last"] = br.evidence()
+    finally:
+        br.disable_evidence()
+    t1 = time.perf_counter()
+    if need_replay:
+        session._replayed = 0
+        ev["reconstruct"] = session._replay_scores()
+    t_replay = time.perf_counter() - t1
+    st = br.read()
+    book = session.book
+    return Prepared(st, book.doc_pos.copy(), book.rope_pos.copy(), ev, n,
+                    {"prefill": t_prefill, "replay": t_replay})
+
+
+def compress(session, prep: Prepared, method: Method, budget: float) -> float:
+    """Write the full cache back and compact it with ``method`` to ``budget``; returns seconds."""
+    from ..engine.compaction import CacheBook  # noqa: PLC0415
+
+    session.reset_chat()
+    session.bridge.write(prep.state)
+    ev = prep.evidence.get(method.evidence_kind)
+    if method.evidence_kind != "none" and ev is None:
+        raise ValueError(f"no evidence of kind {method.evidence_kind!r} was prepared")
+    L, H, N = prep.doc_pos.shape
+    session.book = CacheBook(prep.doc_pos.copy(), prep.rope_pos.copy(),
+                             np.zeros((L, H, N), np.float32) if ev is None else ev.copy())
+    session.method, session.budget = method, budget
+    session._replayed = prep.n_tokens  # scores are in the book already: nothing left to replay
+    session._doc_cells = N
+    t0 = time.perf_counter()
+    m = resolve_budget(budget, N)
+    if m < N:
+        session._compact_to(m, 0, False)
+    session._doc_cells = session.book.n
+    return time.perf_counter() - t0
+
+
+def run_document(session, rec: dict, configs: list[tuple[str, Method, float]], cfg: SuiteConfig,
+                 progress: Callable[[int], None] | None = None) -> list[dict]:
+    """Rows (one per configuration x question) for one document record."""
+    need_replay = any(m.evidence_kind == "reconstruct" for _, m, _ in configs)
+    prep = prepare(session, rec["context"], need_replay=need_replay)
+    rows = []
+    for name, method, budget in configs:
+        t_c = compress(session, prep, method, budget)
+        cells = session.book.n
+        for qi, q in enumerate(rec["questions"]):
+            t0 = time.perf_counter()
+            out = ask(session, q, cfg)
+            rows.append({"doc": rec["id"], "task": rec["task"], "shape": q.get("shape", rec.get("shape", "")),
+                         "q": qi, "depth": q.get("depth"), "method": name, "budget": budget,
+                         "score": score_all(out, q["answer"]), "output": out, "answer": q["answer"],
+                         "tokens": prep.n_tokens, "cells": cells, "t_compact": t_c,
+                         "t_prefill": prep.seconds["prefill"], "t_replay": prep.seconds["replay"],
+                         "t_decode": time.perf_counter() - t0})
+        if progress is not None:
+            progress(1)
+    return rows
