@@ -35,10 +35,10 @@ def test_corrupt_gguf(tmp_path, kind):
         LlamaModel(p)
 
 
-@pytest.mark.parametrize("kind", ["unknown_arch", "swa"])
-def test_unsupported_architecture(tmp_path, kind):
+@pytest.mark.parametrize("kind,why", [("unknown_arch", "; kvmerge-local compacts"), ("swa", ": sliding-window")])
+def test_unsupported_architecture(tmp_path, kind, why):
     p = make_bad_gguf(tmp_path / f"{kind}.gguf", kind)
-    with pytest.raises(ModelError, match="architecture '.*' is not supported"):
+    with pytest.raises(ModelError, match=f"architecture '.*' is not supported{why}"):
         LlamaModel(p)
 
 

@@ -1,8 +1,9 @@
 """A llama.cpp model and a one-sequence context, with the checks that turn bad input into clear errors.
 
 ``LlamaModel`` validates the file before llama.cpp sees it (exists, GGUF magic, readable metadata, an
-architecture the KV bridge can compact) and after (SWA and M-RoPE models are refused).  ``LlamaContext``
-owns one unified-cache context for sequence 0 and decodes NumPy token arrays.
+architecture the KV bridge can compact; known SWA, MLA, recurrent, hybrid and M-RoPE families are refused by
+name with the reason, see ``REFUSED_ARCHS``) and after (a sliding window or M-RoPE found in the loaded
+model).  ``LlamaContext`` owns one unified-cache context for sequence 0 and decodes NumPy token arrays.
 """
 from __future__ import annotations
 
@@ -18,8 +19,32 @@ from .state import TYPE_IDS, KVGeometry
 
 log = logging.getLogger(__name__)
 
-#: GGUF architectures whose KV cache layout the bridge understands (Llama-2, Llama-3, Mistral-7B...).
-SUPPORTED_ARCHS = ("llama",)
+#: GGUF architectures whose KV cache is one standard RoPE cache of per-head post-RoPE K and V, proven on
+#: tiny models by tests/test_architectures.py: llama (Llama-2/3, Mistral-7B, SmolLM2, TinyLlama), qwen2
+#: (Qwen2/2.5: NEOX RoPE, Q/K/V biases), qwen3 (dense Qwen3: NEOX RoPE, per-head Q/K RMSNorm before RoPE).
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
+
+_SWA = ("sliding-window attention: the cache is two caches (a window-sized ring for local layers and a full "
+        "one), and the local layers forget everything outside the window")
+_MLA = ("multi-head latent attention (MLA): the cache stores one compressed latent (and a shared RoPE key) per "
+        "token, not per-head K and V")
+_RECURRENT = "a recurrent state-space/RWKV model: it keeps a fixed-size recurrent state, not a KV cache of tokens"
+_HYBRID = ("a hybrid recurrent/attention model: part of its memory is a recurrent state that cannot be "
+           "compacted token by token")
+_MROPE = ("multi-section RoPE (M-RoPE): keys are rotated by several position components (time, height, width), "
+          "which cannot be re-indexed as one position")
+
+#: Architectures refused by name before llama.cpp loads them, with the reason (family).
+REFUSED_ARCHS: dict[str, str] = {
+    **dict.fromkeys(("gemma2", "gemma3", "gemma3n", "gemma4", "cohere2", "gpt-oss", "granite_swa"), _SWA),
+    "llama4": "chunked local attention (Llama 4's form of sliding-window attention): " + _SWA.split(": ", 1)[1],
+    **dict.fromkeys(("deepseek2", "deepseek2-ocr", "deepseek32", "minicpm3", "plm", "glm-dsa"), _MLA),
+    **dict.fromkeys(("mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7"), _RECURRENT),
+    **dict.fromkeys(("jamba", "falcon-h1", "plamo2", "granitehybrid", "lfm2", "lfm2moe", "nemotron_h",
+                     "nemotron_h_moe", "qwen3next", "qwen35", "qwen35moe", "kimi-linear", "minimax-01",
+                     "deepseek4", "glm5-next"), _HYBRID),
+    **dict.fromkeys(("qwen2vl", "qwen3vl", "qwen3vlmoe", "paddleocr"), _MROPE),
+}
 
 #: Cache types a user may ask for, by name.
 KV_TYPES = {name: TYPE_IDS[name] for name in ("f16", "f32", "bf16", "q8_0", "q4_0")}
@@ -56,10 +81,13 @@ class LlamaModel:
         if not p.is_file():
             raise ModelError(f"model file not found: {p}")
         arch = _read_gguf_arch(p)
+        if arch in REFUSED_ARCHS:
+            raise ModelError(f"{p.name}: architecture '{arch}' is not supported: {REFUSED_ARCHS[arch]}; "
+                             f"kvmerge-local compacts {', '.join(SUPPORTED_ARCHS)} models")
         if arch not in SUPPORTED_ARCHS:
             raise ModelError(f"{p.name}: architecture '{arch}' is not supported; kvmerge-local compacts "
                              f"the KV cache of {', '.join(SUPPORTED_ARCHS)}-architecture models "
-                             "(Llama-2/3, Mistral-7B); pick one from `kvmerge-local models`")
+                             "(Llama-2/3, Mistral-7B, SmolLM2, Qwen2/2.5, Qwen3); pick one from `kvmerge-local models`")
         self.path = p
         self.ptr = _lib.model_load(str(p), n_gpu_layers)
         if not self.ptr:
@@ -73,8 +101,9 @@ class LlamaModel:
             problem = f"rope type {self.info['rope_type']} (M-RoPE)"
         if problem:
             self.close()
-            raise ModelError(f"{p.name}: {problem} is not supported by the KV bridge; use a plain "
-                             "Llama-architecture model")
+            raise ModelError(f"{p.name}: {problem} is not supported by the KV bridge (architecture "
+                             f"'{arch}'); use a model with one full-attention RoPE cache "
+                             f"({', '.join(SUPPORTED_ARCHS)})")
         n_head, n_kv = self.info["n_head"], self.info["n_head_kv"]
         arch_ = self.info["arch"]
         hd_k = int(self.meta(f"{arch_}.attention.key_length") or self.info["n_embd"] // n_head)

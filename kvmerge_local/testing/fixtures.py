@@ -3,7 +3,8 @@
 Loaded through ``pytest_plugins = ["kvmerge_local.testing.fixtures"]`` in ``tests/conftest.py``.
 
 - ``tiny_model_factory(**kwargs) -> Path``: :func:`~kvmerge_local.testing.tiny_model.make_tiny_llama` with
-  those keyword arguments, built once per distinct argument set under a session temp dir.
+  those keyword arguments, built once per distinct argument set under a session temp dir (``arch="qwen2"`` or
+  ``"qwen3"`` builds that architecture, see :mod:`~kvmerge_local.testing.tiny_arch`).
 - ``tiny_weights_factory(**kwargs) -> TinyWeights``: the float32 weights of that model (cached; shared between
   tests, so do not modify the arrays in place).
 - ``bad_gguf_factory(kind) -> Path``: :func:`~kvmerge_local.testing.tiny_model.make_bad_gguf` per kind.

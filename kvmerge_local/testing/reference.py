@@ -15,6 +15,9 @@ What is mirrored (``src/models/llama.cpp``, ``src/llama-graph.cpp``, ``ggml/src/
   probabilities are rounded to f16 before ``P·V`` (non-flash path: ``mul_mat(v_f16, kq)``), and the f32 input
   of every matmul against an F16-stored weight is rounded to f16 (``vec_dot_type`` of F16 is F16).
 - SwiGLU FFN: ``down(silu(gate(x)) * up(x))``; final RMSNorm and ``output`` (or tied ``token_embd``).
+- The other tiny architectures (:mod:`kvmerge_local.testing.tiny_arch`): Q/K/V biases added after the
+  projections (``qwen2``), a per-head RMSNorm of Q and K before RoPE (``qwen3``), and NEOX RoPE (pairs
+  ``(x[i], x[i + head_dim/2])``) for both.
 
 Not mirrored: flash attention's online softmax (its one-query-at-a-time kernel accumulates ``P·V`` in f16;
 tiled and split-KV kernels exist too), summation order, ggml's SIMD ``expf``. Measured agreement is in
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kvmerge_local.testing.tiny_arch import ARCH_SPECS
 from kvmerge_local.testing.tiny_model import TinyLayer, TinyWeights
 
 logger = logging.getLogger(__name__)
@@ -79,15 +83,17 @@ def rope_angles(positions: np.ndarray, head_dim: int, freq_base: float) -> tuple
     return np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
 
 
-def apply_rope(x: np.ndarray, positions: np.ndarray, freq_base: float) -> np.ndarray:
-    """Rotate adjacent pairs of ``x`` float32 ``[T, n_heads, head_dim]`` by the NORM RoPE of ``positions``
-    int ``[T]``; returns float32 ``[T, n_heads, head_dim]``."""
+def apply_rope(x: np.ndarray, positions: np.ndarray, freq_base: float, neox: bool = False) -> np.ndarray:
+    """Rotate pairs of ``x`` float32 ``[T, n_heads, head_dim]`` by the RoPE of ``positions`` int ``[T]``:
+    adjacent pairs (NORM) or, with ``neox``, pairs ``(i, i + head_dim/2)``; returns float32 like ``x``."""
     cos, sin = rope_angles(positions, x.shape[-1], freq_base)
     cos, sin = cos[:, None, :], sin[:, None, :]
-    x0, x1 = x[..., 0::2], x[..., 1::2]
+    half = x.shape[-1] // 2
+    i0, i1 = (slice(0, half), slice(half, None)) if neox else (slice(0, None, 2), slice(1, None, 2))
+    x0, x1 = x[..., i0], x[..., i1]
     out = np.empty_like(x)
-    out[..., 0::2] = x0 * cos - x1 * sin
-    out[..., 1::2] = x0 * sin + x1 * cos
+    out[..., i0] = x0 * cos - x1 * sin
+    out[..., i1] = x0 * sin + x1 * cos
     return out
 
 
@@ -169,11 +175,18 @@ def _qkv(w: TinyWeights, L: TinyLayer, x: np.ndarray, positions: np.ndarray, emu
     c = w.config
     T = x.shape[0]
     h = rms_norm(x, L.attn_norm, c.rms_eps)
-    q = _matmul(h, L.wq, L.f16, emulate).reshape(T, c.n_head, c.head_dim)
-    k = _matmul(h, L.wk, L.f16, emulate).reshape(T, c.n_kv_head, c.head_dim)
-    v = _matmul(h, L.wv, L.f16, emulate).reshape(T, c.n_kv_head, c.head_dim)
-    q = apply_rope(q, positions, c.rope_freq_base).transpose(1, 0, 2)
-    k = _f16(apply_rope(k, positions, c.rope_freq_base)).transpose(1, 0, 2)
+    q, k, v = (_matmul(h, wm, L.f16, emulate) + (0.0 if b is None else b)
+               for wm, b in ((L.wq, L.bq), (L.wk, L.bk), (L.wv, L.bv)))
+    q = q.reshape(T, c.n_head, c.head_dim)
+    k = k.reshape(T, c.n_kv_head, c.head_dim)
+    v = v.reshape(T, c.n_kv_head, c.head_dim)
+    if L.q_norm is not None:  # qwen3: RMSNorm of every head's q and k before RoPE
+        q = rms_norm(q, L.q_norm, c.rms_eps)
+    if L.k_norm is not None:
+        k = rms_norm(k, L.k_norm, c.rms_eps)
+    neox = c.arch in ARCH_SPECS and ARCH_SPECS[c.arch].neox
+    q = apply_rope(q, positions, c.rope_freq_base, neox).transpose(1, 0, 2)
+    k = _f16(apply_rope(k, positions, c.rope_freq_base, neox)).transpose(1, 0, 2)
     return q, k, _f16(v).transpose(1, 0, 2)
 
 

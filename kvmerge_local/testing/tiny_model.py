@@ -1,7 +1,8 @@
 """Tiny LLAMA-architecture GGUF models for tests, with the real Llama-2 SentencePiece tokenizer.
 
 ``make_tiny_llama`` writes a random but well-scaled model (RMSNorm, RoPE in llama.cpp's NORM mode, SwiGLU,
-GQA) that llama.cpp loads as ``general.architecture = "llama"``; ``load_weights`` reads any such file back
+GQA) that llama.cpp loads as ``general.architecture = "llama"`` (or, with ``arch=``, as ``qwen2``/``qwen3``:
+see :mod:`kvmerge_local.testing.tiny_arch`); ``load_weights`` reads any such file back
 into float32 NumPy arrays for :mod:`kvmerge_local.testing.reference`. ``make_bad_gguf`` writes files that
 must be refused: unreadable ones (truncated, bad magic), ones llama.cpp cannot load (unknown architecture,
 missing tensor), and a sliding-window model (``gemma2``) that llama.cpp loads but whose cache the project
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
+from .tiny_arch import ARCH_SPECS, OPTIONAL_LAYER_TENSORS, arch_layer_weights, read_optional_layer_tensors, spec
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +72,8 @@ class TinyLayer:
     """One transformer block, float32. Shapes: norms ``[d_model]``; ``wq [n_head*hd, d]``,
     ``wk``/``wv [n_kv_head*hd, d]``, ``wo [d, n_head*hd]``, ``w_gate``/``w_up [n_ff, d]``, ``w_down [d, n_ff]``.
     ``f16`` is True when the matrices were stored as F16 (llama.cpp's CPU matmul then rounds its input
-    activations to f16, which the reference mirrors)."""
+    activations to f16, which the reference mirrors). Optional (None unless the architecture has them):
+    biases ``bq [n_head*hd]``, ``bk``/``bv [n_kv_head*hd]``; per-head RMSNorm weights ``q_norm``/``k_norm [hd]``."""
 
     attn_norm: np.ndarray
     wq: np.ndarray
@@ -81,6 +85,11 @@ class TinyLayer:
     w_up: np.ndarray
     w_down: np.ndarray
     f16: bool = False
+    bq: np.ndarray | None = None
+    bk: np.ndarray | None = None
+    bv: np.ndarray | None = None
+    q_norm: np.ndarray | None = None
+    k_norm: np.ndarray | None = None
 
 
 @dataclass
@@ -158,6 +167,9 @@ def random_weights(cfg: TinyConfig, *, seed: int = 0, qk_gain: float = 1.5, logi
                         wv=mat(cfg.n_kv_head * hd, d), wo=mat(d, cfg.n_head * hd), ffn_norm=norm_w(),
                         w_gate=mat(cfg.n_ff, d), w_up=mat(cfg.n_ff, d), w_down=mat(d, cfg.n_ff, 0.5))
               for _ in range(cfg.n_layer)]
+    if cfg.arch in ARCH_SPECS:  # biases / Q-K norms, from their own generator (the shared weights stay put)
+        extras = arch_layer_weights(cfg.arch, cfg.n_layer, cfg.n_head, cfg.n_kv_head, hd, seed=seed, qk_gain=qk_gain)
+        layers = [dataclasses.replace(L, **x) for L, x in zip(layers, extras)]
     output_norm = norm_w()
     if tie_embeddings:
         output = tok_embd
@@ -189,7 +201,7 @@ def _write_gguf(path: Path, w: TinyWeights, vocab: dict[str, Any], *, weight_typ
     writer.add_rope_dimension_count(cfg.head_dim)
     writer.add_rope_freq_base(cfg.rope_freq_base)
     writer.add_vocab_size(cfg.n_vocab)
-    if cfg.d_model != cfg.n_head * cfg.head_dim:
+    if cfg.d_model != cfg.n_head * cfg.head_dim or (arch in ARCH_SPECS and ARCH_SPECS[arch].explicit_head_dims):
         writer.add_key_length(cfg.head_dim)
         writer.add_value_length(cfg.head_dim)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32 if weight_type == "f32" else gguf.LlamaFileType.MOSTLY_F16)
@@ -221,6 +233,7 @@ def _write_gguf(path: Path, w: TinyWeights, vocab: dict[str, Any], *, weight_typ
                         p + "attn_output.weight": L.wo.astype(mat_dt), p + "ffn_norm.weight": L.ffn_norm,
                         p + "ffn_gate.weight": L.w_gate.astype(mat_dt), p + "ffn_up.weight": L.w_up.astype(mat_dt),
                         p + "ffn_down.weight": L.w_down.astype(mat_dt)})
+        tensors.update({p + t: getattr(L, f) for f, t in OPTIONAL_LAYER_TENSORS.items() if getattr(L, f) is not None})
     tensors.update(extra_tensors or {})
     for tname, arr in tensors.items():
         if tname not in drop_tensors:
@@ -236,8 +249,12 @@ def make_tiny_llama(path: str | Path, *, n_layer: int = 2, n_head: int = 4, n_kv
                     rope_freq_base: float = 10000.0, rms_eps: float = 1e-5, seed: int = 0,
                     weight_type: WeightType = "f32", embed_type: WeightType = "f16", tie_embeddings: bool = False,
                     vocab: str = "llama2", n_vocab: int | None = None, chat_template: str | None = None,
-                    qk_gain: float = 1.5, logit_gain: float = 4.0, name: str = "kvmerge-tiny-llama") -> Path:
+                    qk_gain: float = 1.5, logit_gain: float = 4.0, name: str = "kvmerge-tiny-llama",
+                    arch: str = "llama") -> Path:
     """Write a tiny random LLAMA-architecture GGUF to ``path`` and return it as a :class:`~pathlib.Path`.
+
+    ``arch`` ("llama", "qwen2", "qwen3") picks the GGUF architecture (tensors, metadata prefix and RoPE
+    pairing as in :mod:`~kvmerge_local.testing.tiny_arch`); the shared weights of a seed are the same for all.
 
     ``weight_type`` is the storage type of the per-layer matrices, ``embed_type`` that of ``token_embd`` and
     ``output`` (the large ``[n_vocab, d_model]`` ones; f16 by default to keep files small). Norm weights are
@@ -252,17 +269,19 @@ def make_tiny_llama(path: str | Path, *, n_layer: int = 2, n_head: int = 4, n_kv
     if head_dim % 2:
         raise ValueError("head_dim must be even for RoPE")
     d_model = n_head * head_dim if d_model is None else d_model
+    if spec(arch).square_attn and d_model != n_head * head_dim:
+        raise ValueError(f"{arch} needs d_model == n_head * head_dim ({n_head * head_dim}), got {d_model}")
     voc = _read_vocab(vocab, n_vocab)
     cfg = TinyConfig(n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, head_dim=head_dim, d_model=d_model,
                      n_ff=default_n_ff(d_model) if n_ff is None else n_ff, n_vocab=len(voc["tokens"]),
                      n_ctx_train=n_ctx_train, rope_freq_base=rope_freq_base, rms_eps=rms_eps,
-                     bos_id=voc["bos"], eos_id=voc["eos"])
+                     bos_id=voc["bos"], eos_id=voc["eos"], arch=arch)
     w = random_weights(cfg, seed=seed, qk_gain=qk_gain, logit_gain=logit_gain, tie_embeddings=tie_embeddings)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_gguf(path, w, voc, weight_type=weight_type, embed_type=embed_type, tie_embeddings=tie_embeddings,
                 chat_template=chat_template, name=name)
-    logger.debug("wrote tiny llama %s (%s, %.1f MB)", path, cfg, path.stat().st_size / 1e6)
+    logger.debug("wrote tiny %s %s (%s, %.1f MB)", arch, path, cfg, path.stat().st_size / 1e6)
     return path
 
 
@@ -362,7 +381,8 @@ def load_weights(path: str | Path) -> TinyWeights:
         if len(f16) != 1:
             raise ValueError(f"layer {i}: mixed F16/F32 matrices are not supported")
         layers.append(TinyLayer(attn_norm=get(p + "attn_norm.weight")[0], ffn_norm=get(p + "ffn_norm.weight")[0],
-                                f16=f16.pop(), **{k: a for k, (a, _) in mats.items()}))
+                                f16=f16.pop(), **{k: a for k, (a, _) in mats.items()},
+                                **read_optional_layer_tensors(get, set(tensors), p)))
     if "output.weight" in tensors:
         output, output_f16 = get("output.weight")
     else:
