@@ -250,7 +250,7 @@ def make_tiny_llama(path: str | Path, *, n_layer: int = 2, n_head: int = 4, n_kv
                     weight_type: WeightType = "f32", embed_type: WeightType = "f16", tie_embeddings: bool = False,
                     vocab: str = "llama2", n_vocab: int | None = None, chat_template: str | None = None,
                     qk_gain: float = 1.5, logit_gain: float = 4.0, name: str = "kvmerge-tiny-llama",
-                    arch: str = "llama") -> Path:
+                    arch: str = "llama", rope_freqs: tuple[float, ...] | None = None) -> Path:
     """Write a tiny random LLAMA-architecture GGUF to ``path`` and return it as a :class:`~pathlib.Path`.
 
     ``arch`` ("llama", "qwen2", "qwen3") picks the GGUF architecture (tensors, metadata prefix and RoPE
@@ -262,7 +262,9 @@ def make_tiny_llama(path: str | Path, *, n_layer: int = 2, n_head: int = 4, n_kv
     first ``n_vocab`` (default 4096) tokens, which still tokenizes any text via byte fallback, for ~4x smaller
     files. ``d_model`` defaults to ``n_head * head_dim`` and ``n_ff`` to :func:`default_n_ff`. Size with the
     defaults: about 39 MB (full vocab) or 10 MB (``llama2-small``); ``weight_type="f16"`` saves 3 MB.
-    ``chat_template`` (Jinja text) is written to ``tokenizer.chat_template`` when given.
+    ``chat_template`` (Jinja text) is written to ``tokenizer.chat_template`` when given. ``rope_freqs``
+    (``head_dim // 2`` floats) is written as ``rope_freqs.weight``, the per-pair frequency divisors of
+    Llama-3.1-style RoPE scaling (the reference forward ignores it).
     """
     if n_head % n_kv_head:
         raise ValueError(f"n_head ({n_head}) must be a multiple of n_kv_head ({n_kv_head})")
@@ -279,8 +281,9 @@ def make_tiny_llama(path: str | Path, *, n_layer: int = 2, n_head: int = 4, n_kv
     w = random_weights(cfg, seed=seed, qk_gain=qk_gain, logit_gain=logit_gain, tie_embeddings=tie_embeddings)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    extra = None if rope_freqs is None else {"rope_freqs.weight": np.asarray(rope_freqs, np.float32)}
     _write_gguf(path, w, voc, weight_type=weight_type, embed_type=embed_type, tie_embeddings=tie_embeddings,
-                chat_template=chat_template, name=name)
+                chat_template=chat_template, name=name, extra_tensors=extra)
     logger.debug("wrote tiny %s %s (%s, %.1f MB)", arch, path, cfg, path.stat().st_size / 1e6)
     return path
 
