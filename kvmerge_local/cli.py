@@ -45,7 +45,7 @@ def _session_args(p: argparse.ArgumentParser, doc_required: bool = True) -> None
     p.add_argument("--n-gpu-layers", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-flash-attn", action="store_true", help="disable flash attention")
-    p.add_argument("--chat-format", default=None, choices=["llama2", "mistral", "raw"])
+    p.add_argument("--chat-format", default=None, choices=["gguf", "llama2", "mistral", "raw"])
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)

@@ -30,8 +30,10 @@ def _joint(s, text):
     return s.model.tokenize(text, add_bos=True)
 
 
-def test_template_detected_and_first_turn_is_llama2_reference(chat_model):
-    with Session.open(chat_model, n_ctx=512, n_threads=2, budget=1.0) as s:
+def test_llama2_override_first_turn_is_llama2_reference(chat_model):
+    with Session.open(chat_model, n_ctx=512, n_threads=2) as s:
+        assert s.fmt.name == "gguf"  # the GGUF's own template is the default (tests/test_chat_templates.py)
+    with Session.open(chat_model, n_ctx=512, n_threads=2, budget=1.0, chat_format="llama2") as s:
         assert s.fmt.name == "llama2"
         s.ingest(DOC)
         q = "When was it built?"

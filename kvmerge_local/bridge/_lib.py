@@ -262,6 +262,9 @@ def model_meta(model: int, key: str) -> str | None:
     # LLAMA_API int32_t llama_model_meta_val_str(const struct llama_model * model, const char * key,
     #                                            char * buf, size_t buf_size);
     n = ll.llama_model_meta_val_str(ctypes.c_void_p(model), key.encode(), buf, ctypes.sizeof(buf))
+    if n >= ctypes.sizeof(buf):  # a long value (chat templates run to 10k characters): read it whole
+        buf = ctypes.create_string_buffer(n + 1)
+        n = ll.llama_model_meta_val_str(ctypes.c_void_p(model), key.encode(), buf, ctypes.sizeof(buf))
     return buf.value.decode("utf-8", "replace") if n >= 0 else None
 
 

@@ -15,6 +15,8 @@ Formats (``FORMATS``):
 - ``mistral`` (Mistral-7B-Instruct): as llama2, but later turns follow ``</s>`` without a new ``<s>``.
 - ``raw`` (no chat template): ``{document}\\n\\nQuestion: {q}\\nAnswer:`` and the same for later turns,
   which continue the text (seam rule again); generation also stops at ``"\\nQuestion:"``.
+- ``gguf`` (the default whenever the GGUF has ``tokenizer.chat_template``): the template itself, rendered
+  with Jinja (:mod:`.templates`); the named formats above are overrides.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+
+from .templates import ChatTemplateError, TemplateFormat, template_format
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +38,9 @@ class ChatFormat:
     continuing the document (``{q}`` placeholder); ``solo``: a first question without a document;
     ``turn_special``: special tokens ("eos"/"bos") closing an answer before a later turn; ``turn``: a later
     question; ``turn_seam``: whether that text continues the previous text (else tokenized on its own);
-    ``stop``: strings that end an answer.
+    ``stop``: strings that end an answer; ``special``/``add_bos``/``end_ids``: as in
+    :class:`~.templates.TemplateFormat` (no special-token parsing, BOS per the vocabulary, no extra end
+    tokens).
     """
 
     name: str
@@ -45,6 +51,9 @@ class ChatFormat:
     turn: str
     turn_seam: bool
     stop: tuple[str, ...] = ()
+    special: bool = False
+    add_bos: bool = True
+    end_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for f in ("first", "solo", "turn"):
@@ -64,22 +73,35 @@ FORMATS: dict[str, ChatFormat] = {
 }
 
 
-def detect_format(model, override: str | None = None) -> ChatFormat:
-    """The chat format of a loaded model: ``override`` if given, else from ``tokenizer.chat_template``
-    (``<<SYS>>`` -> llama2, ``[INST]`` -> mistral), else from ``general.name`` and the file name
-    (Llama-2 *chat* -> llama2, Mistral *instruct* -> mistral), else ``raw``."""
+#: names ``chat_format=`` / ``--chat-format`` accept: the GGUF's template, or a hand-written format
+FORMAT_NAMES = ("gguf", *FORMATS)
+
+
+def detect_format(model, override: str | None = None) -> ChatFormat | TemplateFormat:
+    """The chat format of a loaded model: ``override`` if given (``"gguf"`` raises ChatTemplateError when
+    the model has no usable template), else the GGUF's own ``tokenizer.chat_template``
+    (:func:`~.templates.template_format`; for a template given as a string, call that directly).  A
+    template that does not compile or render is logged and the old heuristics apply: ``<<SYS>>`` ->
+    llama2, ``[INST]`` -> mistral, other templates -> raw; without a template, ``general.name`` and the
+    file name (Llama-2 *chat* -> llama2, Mistral *instruct* -> mistral), else ``raw``."""
     if override is not None:
+        if override == "gguf":
+            return template_format(model)
         if override not in FORMATS:
-            raise ValueError(f"unknown chat format {override!r}; known: {', '.join(FORMATS)}")
+            raise ValueError(f"unknown chat format {override!r}; known: {', '.join(FORMAT_NAMES)}")
         return FORMATS[override]
     tmpl = model.meta("tokenizer.chat_template") or ""
+    if tmpl.strip():
+        try:
+            return template_format(model, tmpl)
+        except ChatTemplateError as exc:
+            log.warning("chat template of %s is unusable (%s); falling back to a built-in format",
+                        getattr(getattr(model, "path", None), "name", "the model"), exc)
     if "<<SYS>>" in tmpl:
         return FORMATS["llama2"]
     if "[INST]" in tmpl:
         return FORMATS["mistral"]
     if tmpl.strip():
-        log.warning("chat template of %s is not a supported format (llama2, mistral); using raw text",
-                    model.path.name)
         return FORMATS["raw"]
     # TheBloke's Llama-2 GGUFs carry no template and general.name "LLaMA v2": look at the file name too
     path = getattr(model, "path", None)
@@ -91,19 +113,20 @@ def detect_format(model, override: str | None = None) -> ChatFormat:
     return FORMATS["raw"]
 
 
-def continue_tokens(model, tail_text: str, last_id: int | None, text: str) -> np.ndarray:
+def continue_tokens(model, tail_text: str, last_id: int | None, text: str, special: bool = False) -> np.ndarray:
     """int32[n]: the tokens of ``text`` as they come when it is tokenized together with what precedes it.
 
     ``tail_text``: the end of the text already in the cache (a few hundred characters are plenty);
     ``last_id``: the id of the last token in the cache (checked against the tail's tokenization).  With
     no tail (empty cache) ``text`` is tokenized on its own.  A seam the tokenizer would merge across
     (the cached last token changes) cannot be honoured without re-decoding; it is logged and the
-    tokens after the cached ones are used.
+    tokens after the cached ones are used.  ``special``: parse special-token text (``<|im_end|>``) into
+    those tokens.
     """
     if not tail_text:
-        return model.tokenize(text)
-    t_tail = model.tokenize(tail_text)
-    full = model.tokenize(tail_text + text)
+        return model.tokenize(text, special=special)
+    t_tail = model.tokenize(tail_text, special=special)
+    full = model.tokenize(tail_text + text, special=special)
     k = len(t_tail)
     clean = len(full) >= k and np.array_equal(full[:k], t_tail)
     if last_id is not None and len(t_tail) and int(t_tail[-1]) != int(last_id):

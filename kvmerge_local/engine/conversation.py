@@ -10,6 +10,13 @@ are dropped to make room -- the oldest after the first one, the first one (which
 last, so the template stays well formed; gaps are closed with llama.cpp's own ``seq_add`` (turn cells
 have the same layout in every head).  A question that does not fit even then is refused.
 
+Template formats (``gguf``, :mod:`.templates`): the question's tokens are the real conversation rendered by
+the template (earlier questions and answers, the new question) minus the text already cached, tokenized
+across the seam with special tokens parsed; an end-of-turn token left pending is dropped, as the rendered
+text closes the answer itself.  ``_tpl_turns`` keeps each turn's ``(question, answer as shown, answer as decoded, cached text)``.  When
+a rendering does not continue the cached text (a template that rewrites history, a raw turn, a dropped
+turn), that is logged and the turn is laid out from the template's placeholder rendering instead.
+
 Failure: a generator that raises midway removes every cell it added and restores the turn list, so the
 session stays as it was; a generator closed early (the consumer stopped reading) keeps the partial answer.
 """
@@ -25,6 +32,7 @@ import numpy as np
 from ..bridge import _lib
 from ..errors import KVMergeError
 from .chat import StopFilter, continue_tokens
+from .templates import DOC, Q1, Q2, TemplateFormat
 
 log = logging.getLogger(__name__)
 
@@ -39,24 +47,40 @@ class Conversation:
         self._pending: list[int] = []
         self._chat_tail = ""
         self._chat_last: int | None = None
+        self._tpl_turns: list[tuple[str | None, str, str, str]] = []  # (question, answer, raw answer, text)
         self._active = None
+
+    def _is_end(self, tok: int) -> bool:
+        """Whether ``tok`` ends an answer (an end-of-generation token, or the template's end of turn)."""
+        return self.model.is_eog(tok) or int(tok) in getattr(self.fmt, "end_ids", ())
 
     # --- tokens ----------------------------------------------------------------------------------------
     def _question_tokens(self, q: str, raw: bool = False) -> np.ndarray:
         """int32[n]: what goes into the cache before the answer (pending token, separators, question).
 
         ``raw``: ``q`` is text that continues the cache exactly as given (no template; seam rule applies)."""
+        return self._question(q, raw)[0]
+
+    def _question(self, q: str, raw: bool = False) -> tuple[np.ndarray, str]:
+        """The question's tokens (int32[n], see :meth:`_question_tokens`) and the text they stand for."""
         fmt, m = self.fmt, self.model
-        if raw:
-            pre = [t for t in self._pending if not m.is_eog(t)] if self._turns else []
+        if raw or isinstance(fmt, TemplateFormat):
+            text = q if raw else self._template_text(q)
+            sp = not raw and fmt.special
+            pre = [t for t in self._pending if not self._is_end(t)] if self._turns else []
             tail, last = (self._chat_tail, self._chat_last) if self._turns else (self._doc_tail, self._doc_last)
-            body = continue_tokens(m, tail, last, q) if (tail or self._doc_cells) else m.tokenize(q, add_bos=True)
-            return np.concatenate([np.asarray(pre, np.int32), body]).astype(np.int32)
+            if tail or self._doc_cells:
+                body = continue_tokens(m, tail, last, text, special=sp)
+            else:
+                body = m.tokenize(text, add_bos=fmt.add_bos if sp else True, special=sp)
+            return np.concatenate([np.asarray(pre, np.int32), body]).astype(np.int32), text
         if not self._turns:
             if self._doc_cells:
-                return continue_tokens(m, self._doc_tail, self._doc_last, fmt.first.format(q=q))
-            return m.tokenize(fmt.solo.format(q=q), add_bos=True)
-        pre = [t for t in self._pending if not (fmt.turn_seam and m.is_eog(t))]
+                text = fmt.first.format(q=q)
+                return continue_tokens(m, self._doc_tail, self._doc_last, text), text
+            text = fmt.solo.format(q=q)
+            return m.tokenize(text, add_bos=True), text
+        pre = [t for t in self._pending if not (fmt.turn_seam and self._is_end(t))]
         eos, bos = int(m.info["eos"]), int(m.info["bos"])
         for s in fmt.turn_special:
             t = eos if s == "eos" else bos
@@ -64,7 +88,32 @@ class Conversation:
                 pre.append(t)
         text = fmt.turn.format(q=q)
         body = continue_tokens(m, self._chat_tail, self._chat_last, text) if fmt.turn_seam else m.tokenize(text)
-        return np.concatenate([np.asarray(pre, np.int32), body]).astype(np.int32)
+        return np.concatenate([np.asarray(pre, np.int32), body]).astype(np.int32), text
+
+    def _template_text(self, q: str) -> str:
+        """Text of a template turn: the rendered conversation ending in ``q`` after the cached text."""
+        fmt, doc = self.fmt, bool(self._doc_cells)
+        turns = self._tpl_turns if len(self._tpl_turns) == len(self._turns) else []
+        why = "a raw turn or a dropped turn precedes" if len(turns) != len(self._turns) else ""
+        cached = "".join(t[3] for t in turns)
+        if any(t[0] is None for t in turns):
+            why = "a raw turn precedes"
+        for k in (2, 1):  # answers as decoded, then as shown (SentencePiece's leading space stripped)
+            if why:
+                break
+            rendered = fmt.render(fmt.messages([(t[0], t[k]) for t in turns], q, doc))
+            if doc:
+                if rendered.count(DOC) != 1 or not rendered.startswith(fmt.doc_head + DOC):
+                    why = "the rendered text before the document changed"
+                    break
+                rendered = rendered[len(fmt.doc_head) + len(DOC):]
+            if rendered.startswith(cached):
+                return rendered[len(cached):]
+            why = "the template rewrites earlier turns"
+        log.warning("chat template: %s; laying out this turn from the template's placeholder rendering", why)
+        if self._turns:
+            return fmt.later.replace(Q2, q)
+        return fmt.first.replace(Q1, q) if doc else fmt.solo.replace(Q1, q)
 
     # --- room ------------------------------------------------------------------------------------------
     def _cells_in_use(self) -> int:
@@ -80,27 +129,29 @@ class Conversation:
             _lib.memory_seq_rm(ptr, 0, p0, p1)
             _lib.memory_seq_add(ptr, 0, p1, -1, -(p1 - p0))
         d = p1 - p0
+        if len(self._tpl_turns) == len(self._turns):
+            self._tpl_turns.pop(i)
         self._turns = [t if j < i else (t[0] - d, t[1] - d) for j, t in enumerate(self._turns) if j != i]
         if not self._turns:
             self._pending, self._chat_tail, self._chat_last = [], "", None
         log.info("dropped chat turn %d (%d cells) to make room", i, d)
 
-    def _fit(self, q: str, max_new: int, raw: bool = False) -> tuple[np.ndarray, int]:
-        """Question tokens and the answer length that fit, dropping old turns as needed."""
+    def _fit(self, q: str, max_new: int, raw: bool = False) -> tuple[np.ndarray, str, int]:
+        """Question tokens, their text and the answer length that fit, dropping old turns as needed."""
         while True:
-            toks = self._question_tokens(q, raw)
+            toks, text = self._question(q, raw)
             if len(toks) == 0:
                 raise ValueError("the question adds no tokens")
             free = self.ctx.n_ctx - self._cells_in_use()
             if len(toks) + max_new <= free:
-                return toks, max_new
+                return toks, text, max_new
             if not self._turns:
                 if len(toks) + 1 > free:
                     raise ValueError(f"the question needs {len(toks)} cells but only {free} are free "
                                      f"(n_ctx {self.ctx.n_ctx}, document {self._doc_cells} cells); "
                                      "ask a shorter question, use a larger n_ctx or a smaller budget")
                 log.warning("answer limited to %d tokens (context full)", free - len(toks))
-                return toks, free - len(toks)
+                return toks, text, free - len(toks)
             self._drop_turn(1 if len(self._turns) > 1 else 0)
 
     # --- public ----------------------------------------------------------------------------------------
@@ -121,8 +172,8 @@ class Conversation:
         self._check_open()
         self._close_active()
         q = question if raw else question.strip()
-        toks, n_new = self._fit(q, int(max_new_tokens), raw)
-        gen = self._generate(q, toks, n_new, float(temperature), raw)
+        toks, text, n_new = self._fit(q, int(max_new_tokens), raw)
+        gen = self._generate(q, toks, text, n_new, float(temperature), raw)
         self._active = gen
         return gen
 
@@ -133,7 +184,7 @@ class Conversation:
             raise ValueError("question must be a non-empty string")
         self._check_open()
         self._close_active()
-        toks, _ = self._fit(question if raw else question.strip(), 1, raw)
+        toks, _, _ = self._fit(question if raw else question.strip(), 1, raw)
         p0 = self.ctx.n_past
         try:
             return self._decode_tokens(toks)
@@ -147,6 +198,7 @@ class Conversation:
         if self._turns:
             _lib.memory_seq_rm(self.ctx.ptr, 0, self._turns[0][0], -1)
         self._turns, self._pending, self._chat_tail, self._chat_last = [], [], "", None
+        self._tpl_turns = []
 
     # --- generation ------------------------------------------------------------------------------------
     def _close_active(self) -> None:
@@ -169,29 +221,27 @@ class Conversation:
         p = np.exp(z - z.max())
         return int(self._rng.choice(len(p), p=p / p.sum()))
 
-    def _generate(self, q: str, toks: np.ndarray, n_new: int, temperature: float, raw: bool = False):
+    def _generate(self, q: str, toks: np.ndarray, text: str, n_new: int, temperature: float, raw: bool = False):
         p_start = self.ctx.n_past
         saved = (list(self._turns), list(self._pending), self._chat_tail, self._chat_last)
+        tpl_saved = list(self._tpl_turns)
         dec = codecs.getincrementaldecoder("utf-8")("replace")
         filt = StopFilter(self.fmt.stop)
         decoded_text, undecoded, n_gen, last_decoded = [], None, 0, int(toks[-1])
         committed = []
         t0 = time.perf_counter()
-        if raw:
-            text = q
-        elif self._turns:
-            text = self.fmt.turn.format(q=q)
-        else:
-            text = (self.fmt.first if self._doc_cells else self.fmt.solo).format(q=q)
 
         def commit() -> None:
             if committed:
                 return
             committed.append(True)
+            answer = "".join(decoded_text)
+            base = tpl_saved if len(tpl_saved) == len(self._turns) else []
+            self._tpl_turns = base + [(None if raw else q, filt.text, answer, text + answer)]
             self._turns.append((p_start, self.ctx.n_past))
             self._pending = [undecoded] if undecoded is not None else []
-            self._chat_tail = ((self._chat_tail or self._doc_tail) + text + "".join(decoded_text))[-TAIL_CHARS:]
-            keep = undecoded is not None and not self.model.is_eog(undecoded)
+            self._chat_tail = ((self._chat_tail or self._doc_tail) + text + answer)[-TAIL_CHARS:]
+            keep = undecoded is not None and not self._is_end(undecoded)
             self._chat_last = undecoded if keep else last_decoded
             self._t_decode += time.perf_counter() - t0
             self._tokens_generated += n_gen
@@ -203,7 +253,7 @@ class Conversation:
                 tok = self._sample(logits, temperature)
                 n_gen += 1
                 undecoded = tok
-                if self.model.is_eog(tok):
+                if self._is_end(tok):
                     break
                 piece = dec.decode(self.model.piece(tok))
                 decoded_text.append(piece)
@@ -224,6 +274,7 @@ class Conversation:
         except BaseException:
             _lib.memory_seq_rm(self.ctx.ptr, 0, p_start, -1)
             self._turns, self._pending, self._chat_tail, self._chat_last = saved
+            self._tpl_turns = tpl_saved
             self._active = None
             if self.ctx.n_past != p_start:
                 raise KVMergeError("could not roll the cache back after a failed answer; ingest again")

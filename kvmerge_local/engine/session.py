@@ -27,7 +27,7 @@ from ..bridge import KV_TYPES, KVBridge, LlamaContext, LlamaModel
 from ..bridge.state import row_bytes
 from ..errors import KVMergeError
 from ..methods import DEFAULT_METHOD, Full, Method, get_method, resolve_budget
-from .chat import FORMATS, detect_format
+from .chat import FORMAT_NAMES, detect_format
 from .compaction import CacheBook, compact
 from .conversation import TAIL_CHARS, Conversation
 from .documents import load_document, page_token_spans
@@ -78,7 +78,8 @@ class Session(Conversation, Persistence):
 
         ``budget``: fraction in (0, 1] of the document's tokens to keep, or an int cell count;
         ``method``: a name from ``kvmerge-local methods`` (``method_params`` override its parameters);
-        ``chat_format``: "llama2", "mistral" or "raw" (default: detected from the model).
+        ``chat_format``: "gguf" (the model's own chat template), "llama2", "mistral" or "raw" (default: the
+        template when the GGUF has one, else detected from the model's name).
         """
         from ..models import resolve_model  # noqa: PLC0415
 
@@ -90,8 +91,8 @@ class Session(Conversation, Persistence):
             meth, name = method, getattr(method, "name", type(method).__name__)
         else:
             meth, name = get_method(str(method), **params), str(method)
-        if chat_format is not None and chat_format not in FORMATS:
-            raise ValueError(f"unknown chat format {chat_format!r}; known: {', '.join(FORMATS)}")
+        if chat_format is not None and chat_format not in FORMAT_NAMES:
+            raise ValueError(f"unknown chat format {chat_format!r}; known: {', '.join(FORMAT_NAMES)}")
         if not isinstance(n_ctx, int) or n_ctx < 64:
             raise ValueError(f"n_ctx must be an int >= 64, got {n_ctx!r}")
         path, entry = resolve_model(model)
@@ -179,8 +180,9 @@ class Session(Conversation, Persistence):
         self._check_open()
         doc = load_document(document)
         head = self.fmt.doc_head
-        body = self.model.tokenize(head + doc.text, add_bos=False)
-        toks = self.model.tokenize(head + doc.text, add_bos=True)
+        sp = self.fmt.special  # template formats: special-token text is parsed; BOS unless the template renders it
+        body = self.model.tokenize(head + doc.text, add_bos=False, special=sp)
+        toks = self.model.tokenize(head + doc.text, add_bos=self.fmt.add_bos, special=sp)
         n_bos = len(toks) - len(body)
         n = len(toks)
         cap = self.ctx.n_ctx - self.reserve
