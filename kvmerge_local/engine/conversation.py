@@ -61,11 +61,12 @@ class Conversation:
         ``raw``: ``q`` is text that continues the cache exactly as given (no template; seam rule applies)."""
         return self._question(q, raw)[0]
 
-    def _question(self, q: str, raw: bool = False) -> tuple[np.ndarray, str]:
-        """The question's tokens (int32[n], see :meth:`_question_tokens`) and the text they stand for."""
+    def _question(self, q: str, raw: bool = False, prefix: str = "") -> tuple[np.ndarray, str]:
+        """The question's tokens (int32[n], see :meth:`_question_tokens`) and the text they stand for;
+        ``prefix`` (an answer cue such as "The number is") is laid after the turn's generation prompt."""
         fmt, m = self.fmt, self.model
         if raw or isinstance(fmt, TemplateFormat):
-            text = q if raw else self._template_text(q)
+            text = (q if raw else self._template_text(q)) + prefix
             sp = not raw and fmt.special
             pre = [t for t in self._pending if not self._is_end(t)] if self._turns else []
             tail, last = (self._chat_tail, self._chat_last) if self._turns else (self._doc_tail, self._doc_last)
@@ -76,9 +77,9 @@ class Conversation:
             return np.concatenate([np.asarray(pre, np.int32), body]).astype(np.int32), text
         if not self._turns:
             if self._doc_cells:
-                text = fmt.first.format(q=q)
+                text = fmt.first.format(q=q) + prefix
                 return continue_tokens(m, self._doc_tail, self._doc_last, text), text
-            text = fmt.solo.format(q=q)
+            text = fmt.solo.format(q=q) + prefix
             return m.tokenize(text, add_bos=True), text
         pre = [t for t in self._pending if not (fmt.turn_seam and self._is_end(t))]
         eos, bos = int(m.info["eos"]), int(m.info["bos"])
@@ -86,7 +87,7 @@ class Conversation:
             t = eos if s == "eos" else bos
             if not (s == "eos" and pre and m.is_eog(pre[-1])):
                 pre.append(t)
-        text = fmt.turn.format(q=q)
+        text = fmt.turn.format(q=q) + prefix
         body = continue_tokens(m, self._chat_tail, self._chat_last, text) if fmt.turn_seam else m.tokenize(text)
         return np.concatenate([np.asarray(pre, np.int32), body]).astype(np.int32), text
 
@@ -136,10 +137,10 @@ class Conversation:
             self._pending, self._chat_tail, self._chat_last = [], "", None
         log.info("dropped chat turn %d (%d cells) to make room", i, d)
 
-    def _fit(self, q: str, max_new: int, raw: bool = False) -> tuple[np.ndarray, str, int]:
+    def _fit(self, q: str, max_new: int, raw: bool = False, prefix: str = "") -> tuple[np.ndarray, str, int]:
         """Question tokens, their text and the answer length that fit, dropping old turns as needed."""
         while True:
-            toks, text = self._question(q, raw)
+            toks, text = self._question(q, raw, prefix)
             if len(toks) == 0:
                 raise ValueError("the question adds no tokens")
             free = self.ctx.n_ctx - self._cells_in_use()
@@ -155,12 +156,14 @@ class Conversation:
             self._drop_turn(1 if len(self._turns) > 1 else 0)
 
     # --- public ----------------------------------------------------------------------------------------
-    def ask(self, question: str, *, max_new_tokens: int = 256, temperature: float = 0.0, raw: bool = False):
+    def ask(self, question: str, *, max_new_tokens: int = 256, temperature: float = 0.0, raw: bool = False,
+            answer_prefix: str = ""):
         """Stream the answer to ``question`` as text pieces (an iterator of str).
 
         Greedy by default; ``temperature > 0`` samples with the session's seeded generator.  ``raw=True``
         skips the chat template: ``question`` is appended to the cache exactly as given (for prompts with
-        an answer cue, as in the benchmark's tasks).  Raises ValueError for an empty question or bad
+        an answer cue, as in the benchmark's tasks).  ``answer_prefix``: text the answer starts with, laid after
+        the template's generation prompt (RULER's answer cues); it is not streamed.  Raises ValueError for an empty question or bad
         limits (before anything changes).
         """
         if not isinstance(question, str) or not question.strip():
@@ -172,7 +175,9 @@ class Conversation:
         self._check_open()
         self._close_active()
         q = question if raw else question.strip()
-        toks, text, n_new = self._fit(q, int(max_new_tokens), raw)
+        if not isinstance(answer_prefix, str):
+            raise ValueError("answer_prefix must be a string")
+        toks, text, n_new = self._fit(q, int(max_new_tokens), raw, answer_prefix)
         gen = self._generate(q, toks, text, n_new, float(temperature), raw)
         self._active = gen
         return gen

@@ -278,13 +278,21 @@ class Session(Conversation, Persistence):
         hi = int(self.book.doc_pos.max()) + 1
         toks = self._doc_ids[self._replayed:hi]
         t0 = time.perf_counter()
-        first = self.model.tokenize("\n\n" + FIRST_PROMPT + "\n")
-        later = self.model.tokenize("\n\n" + LATER_PROMPT)
+        first, later = (self._replay_prompt(p) for p in (FIRST_PROMPT, LATER_PROMPT))
         scores = replay_scores(self.bridge, toks, first, later, chunk_size=int(getattr(self.method, "chunk_size", 512)),
                                step=int(getattr(self.method, "step", 16)))
         self._replayed = hi
         self._t_compact += time.perf_counter() - t0
         return scores
+
+    def _replay_prompt(self, instruction: str) -> np.ndarray:
+        """int32[n]: ``instruction`` laid out as the chat format lays out a first question after the
+        document (KVzip replays the document as the answer to it)."""
+        from .templates import Q1, TemplateFormat  # noqa: PLC0415
+
+        fmt = self.fmt
+        text = fmt.first.replace(Q1, instruction) if isinstance(fmt, TemplateFormat) else fmt.first.format(q=instruction)
+        return self.model.tokenize(text, add_bos=False, special=bool(getattr(fmt, "special", False)))
 
     def _reset_cache(self) -> None:
         self.ctx.clear()
