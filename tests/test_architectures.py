@@ -204,8 +204,6 @@ def test_per_head_reindex_matches_llama_k_shift(arch_model):
                 assert rel_err(ours[l, h], theirs[l, h]) < 2e-3, (arch, l, h)
 
 
-@pytest.mark.xfail(strict=True, reason="positions.RopeParams ignores rope_freqs.weight (Llama-3.1+ RoPE scaling): "
-                   "re-indexing such a model rotates keys by the unscaled angles")
 def test_reindex_with_rope_freqs_matches_llama_k_shift(tiny_model_factory):
     """Llama-3.1/3.2/3.3 GGUFs carry ``rope_freqs.weight`` (theta of pair i divided by factor i); llama.cpp's
     own K-shift applies it, so re-indexing must too."""

@@ -164,3 +164,25 @@ def test_rope_scaling_metadata():
     # linear scaling: a shift by d rotates pair i by d * freq_scale * base^(-2i/n_rot)
     cos, sin = r.angles(np.array([8]))
     np.testing.assert_allclose(np.arctan2(sin, cos)[0, :3], 8 * 0.25 * 1e6 ** (-2 * np.arange(3) / 64), rtol=1e-5)
+
+
+def test_rope_freqs_tensor_is_read_and_divides_the_angles(tiny_model_factory, model):
+    """Llama-3.1-style GGUFs: ``rope_freqs.weight`` holds one divisor per pair (ggml: theta / ff); a model
+    without the tensor has none."""
+    ff = tuple(np.linspace(1.0, 8.0, 32).tolist())
+    m = LlamaModel(tiny_model_factory(vocab="llama2-small", n_vocab=4096, seed=3, rope_freqs=ff))
+    try:
+        r = RopeParams.from_model(m)
+    finally:
+        m.close()
+    assert r.freq_factors == pytest.approx(ff) and RopeParams.from_model(model).freq_factors is None
+    cos, sin = r.angles(np.array([40]))
+    theta = 40 * 10000.0 ** (-2 * np.arange(32) / 64) / np.asarray(ff)
+    np.testing.assert_allclose(cos[0], np.cos(theta), atol=1e-4)
+    np.testing.assert_allclose(sin[0], np.sin(theta), atol=1e-4)
+    np.testing.assert_array_equal(RopeParams(head_dim=64, n_rot=64, freq_factors=(1.0,) * 32).angles(np.arange(9))[0],
+                                  RopeParams(head_dim=64, n_rot=64).angles(np.arange(9))[0])  # ones: unchanged
+    with pytest.raises(ValueError, match="n_rot/2"):
+        RopeParams(head_dim=64, n_rot=64, freq_factors=(1.0, 2.0))
+    with pytest.raises(ValueError, match="> 0"):
+        RopeParams(head_dim=64, n_rot=64, freq_factors=(0.0,) * 32)

@@ -10,16 +10,23 @@ parameters read from the GGUF metadata:
   only the first ``n_rot`` dimensions rotate), ``<arch>.rope.scaling.type`` / ``.factor`` (``none`` and
   ``linear`` are supported: ``freq_scale = 1 / factor``; YaRN and LongRoPE are refused).
 - rope type NORM (Llama: adjacent pairs ``(2i, 2i+1)``) or NEOX (pairs ``(i, i + n_rot/2)``).
+- the tensor ``rope_freqs.weight`` (float32 ``[n_rot/2]``), present in Llama-3.1/3.2/3.3 GGUFs: per-pair
+  frequency factors (Llama-3 RoPE scaling, baked in by the converter); llama.cpp divides pair ``i``'s angle
+  by factor ``i`` in every RoPE, the K-shift included (``ggml_rope_cache_init``: ``rope_yarn(theta / ff, ...)``).
 
 The angles are computed as ggml's ``ggml_rope_cache_init`` does (float32, ``theta`` multiplied by
-``theta_scale = base^(-2/n_rot)`` pair after pair), so the result matches llama.cpp's K-shift to within
+``theta_scale = base^(-2/n_rot)`` pair after pair, divided by the pair's frequency factor, times
+``freq_scale``), so the result matches llama.cpp's K-shift to within
 one rounding of the stored type.  Quantized caches (q8_0, q4_0) are stored Hadamard-rotated: their keys
 are dequantized, un-rotated, re-roped, rotated and requantized, as llama.cpp's shift graph does.
 """
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 
 import numba as nb
 import numpy as np
@@ -30,17 +37,40 @@ from ..kernels.f16 import load, store
 log = logging.getLogger(__name__)
 
 ROPE_NORM, ROPE_NEOX = 0, 2
+ROPE_FREQS_TENSOR = "rope_freqs.weight"
+
+
+@lru_cache(maxsize=8)
+def _rope_freqs_cached(path: str, size: int, mtime_ns: int) -> tuple[float, ...] | None:
+    from gguf import GGUFReader  # noqa: PLC0415
+
+    for t in GGUFReader(path).tensors:
+        if t.name == ROPE_FREQS_TENSOR:
+            if t.tensor_type.name not in ("F32", "F16"):
+                raise UnsupportedCacheError(f"{Path(path).name}: {ROPE_FREQS_TENSOR} is stored as "
+                                            f"{t.tensor_type.name} (expected F32); use position_policy='keep'")
+            return tuple(float(x) for x in np.asarray(t.data, dtype=np.float32).reshape(-1))
+    return None
+
+
+def read_rope_freqs(path: str | os.PathLike) -> tuple[float, ...] | None:
+    """The per-pair RoPE frequency factors of a GGUF (its ``rope_freqs.weight`` tensor), or None when it
+    has none.  Cached per (path, size, mtime): reading a GGUF's header costs a moment on large vocabularies."""
+    st = os.stat(path)
+    return _rope_freqs_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
 @dataclass(frozen=True)
 class RopeParams:
-    """RoPE of one model: ``n_rot`` rotated dims of ``head_dim``, ``freq_base``, ``freq_scale``, ``neox``."""
+    """RoPE of one model: ``n_rot`` rotated dims of ``head_dim``, ``freq_base``, ``freq_scale``, ``neox``, and
+    ``freq_factors`` (``n_rot/2`` divisors of the pairs' angles, from ``rope_freqs.weight``; None = all 1)."""
 
     head_dim: int
     n_rot: int
     freq_base: float = 10000.0
     freq_scale: float = 1.0
     neox: bool = False
+    freq_factors: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.head_dim <= 0 or self.head_dim % 2:
@@ -49,10 +79,17 @@ class RopeParams:
             raise ValueError(f"n_rot must be even and in (0, head_dim={self.head_dim}], got {self.n_rot}")
         if not self.freq_base > 0 or not self.freq_scale > 0:
             raise ValueError("freq_base and freq_scale must be > 0")
+        if self.freq_factors is not None:
+            ff = np.asarray(self.freq_factors, dtype=np.float64)
+            if ff.shape != (self.n_rot // 2,):
+                raise ValueError(f"freq_factors must hold n_rot/2 = {self.n_rot // 2} values, got {ff.size}")
+            if not np.all(np.isfinite(ff) & (ff > 0)):
+                raise ValueError("freq_factors must be finite and > 0")
 
     @classmethod
     def from_model(cls, model) -> RopeParams:
-        """Read the RoPE parameters of a :class:`~kvmerge_local.bridge.LlamaModel` from its GGUF metadata."""
+        """Read the RoPE parameters of a :class:`~kvmerge_local.bridge.LlamaModel` from its GGUF metadata and,
+        when the file has one, its ``rope_freqs.weight`` tensor."""
         arch = model.info["arch"]
         head_dim = model.geom.head_dim
 
@@ -75,17 +112,26 @@ class RopeParams:
                 f"{model.path.name}: RoPE scaling '{scaling}' is not supported for re-indexing positions "
                 "(supported: none, linear); use position_policy='keep'")
         neox = int(model.info["rope_type"]) == ROPE_NEOX
-        return cls(head_dim=head_dim, n_rot=n_rot, freq_base=base, freq_scale=scale, neox=neox)
+        path = Path(model.path)
+        ff = read_rope_freqs(path) if path.is_file() else None  # (a stand-in model without a file: none)
+        if ff is not None and len(ff) != n_rot // 2:
+            raise UnsupportedCacheError(f"{path.name}: {ROPE_FREQS_TENSOR} holds {len(ff)} factors, expected "
+                                        f"n_rot/2 = {n_rot // 2}; use position_policy='keep'")
+        if ff is not None:
+            log.debug("%s: RoPE frequency factors from %s (%.3g..%.3g)", path.name, ROPE_FREQS_TENSOR, min(ff), max(ff))
+        return cls(head_dim=head_dim, n_rot=n_rot, freq_base=base, freq_scale=scale, neox=neox, freq_factors=ff)
 
     def angles(self, delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """cos, sin float32[*delta.shape, n_rot // 2] of the rotation by ``delta`` (int array), as ggml."""
         theta_scale = np.float32(np.power(np.float32(self.freq_base), np.float32(-2.0) / np.float32(self.n_rot),
                                           dtype=np.float32))
         fs = np.float32(self.freq_scale)
+        ff = (np.ones(self.n_rot // 2, np.float32) if self.freq_factors is None
+              else np.asarray(self.freq_factors, dtype=np.float32))
         t = np.asarray(delta, dtype=np.float32)
         theta = np.empty(t.shape + (self.n_rot // 2,), dtype=np.float32)
         for i in range(self.n_rot // 2):
-            theta[..., i] = t * fs
+            theta[..., i] = (t / ff[i]).astype(np.float32) * fs  # ggml: freq_scale * (theta / ff), float32
             t = (t * theta_scale).astype(np.float32)
         return np.cos(theta), np.sin(theta)
 
