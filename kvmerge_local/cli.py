@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
-import tempfile
 from pathlib import Path
 
 from .defaults import DEFAULT_METHOD
@@ -21,8 +21,9 @@ from .errors import KVMergeError
 log = logging.getLogger(__name__)
 
 DEMO_QUESTION = "What is the special magic word for water?"
-#: With a raw-text model (the embedded default), the question is asked in the layout that model was trained
-#: on, answer cue included (kvmerge_local/train/data.py); chat models get DEMO_QUESTION in their template.
+#: With a raw-text model (the embedded kvmerge-tiny, ``demo --model``), the question is asked in the layout that
+#: model was trained on, answer cue included (kvmerge_local/train/data.py); chat models (the default document
+#: model) get DEMO_QUESTION as a free-form question in their chat template.
 DEMO_RAW_PROMPT = "\n\nQuestion: What is the special magic word for water?\nAnswer: The special magic word for water is"
 
 
@@ -182,50 +183,104 @@ def cmd_methods(a) -> int:
     return 0
 
 
-def _demo_model(tmp: Path) -> tuple[str | None, bool]:
-    """(model, is_random_tiny): the embedded default, else a tiny random model built into ``tmp``."""
+DEMO_EXPECTED = ("mill", 2)
+"""What the sample PDF says (kvmerge_local/data/sample.pdf, page 2) in answer to DEMO_QUESTION."""
+
+
+def _demo_model(model: str | None) -> str:
+    """The demo's model: ``--model`` when given, else the real document model (SmolLM2-135M-Instruct) that
+    ``make setup`` pulls; a clear error naming the command that gets it when it is missing."""
     from .errors import ModelError  # noqa: PLC0415
-    from .models import default_model  # noqa: PLC0415
+    from .models import DOCUMENT_MODEL, default_document_model  # noqa: PLC0415
 
+    if model:
+        return model
     try:
-        return str(default_model()), False
+        default_document_model()  # present, and its size and sha256 match models.txt
+        return DOCUMENT_MODEL
     except ModelError as exc:
-        from .testing.tiny_model import make_tiny_llama  # noqa: PLC0415
+        raise KVMergeError(f"the demo runs on the real document model {DOCUMENT_MODEL}: {exc} (`make demo` does "
+                           "the set-up itself; or pass --model PATH_OR_NAME)") from exc
 
-        print(f"note: {exc}", file=sys.stderr)
-        print("note: building a tiny RANDOM model instead: its answers are meaningless noise; the demo shows "
-              "the pipeline (PDF -> chunked prefill -> KVMerger at 50% -> answer) and the memory saved.",
-              file=sys.stderr)
-        path = make_tiny_llama(tmp / "tiny-demo.gguf", n_layer=2, vocab="llama2-small", n_vocab=4096,
-                               name="kvmerge-tiny-random")
-        return str(path), True
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def answer_pages(answer: str, text: str, pages: list[tuple[int, int, int]], min_run: int = 2) -> list[int]:
+    """Pages of a document whose text shares the longest run of consecutive words with ``answer`` (at least
+    ``min_run`` words; ties cite every tied page).  ``text`` and ``pages`` (``(page, char_start, char_end)``)
+    as :func:`kvmerge_local.engine.documents.load_document` gives them.  A small model does not cite pages
+    itself: this finds where the words it answered with come from."""
+    a = _words(answer)
+    best, found = 0, []
+    for page, c0, c1 in pages:
+        w = _words(text[c0:c1])
+        run = 0
+        prev = [0] * (len(w) + 1)  # longest common substring over words, O(len(a) * len(w))
+        for x in a:
+            cur = [0] * (len(w) + 1)
+            for j, y in enumerate(w, 1):
+                if x == y:
+                    cur[j] = prev[j - 1] + 1
+                    run = max(run, cur[j])
+            prev = cur
+        if run > best:
+            best, found = run, [int(page)]
+        elif run == best and run:
+            found.append(int(page))
+    return found if best >= min_run else []
+
+
+def page_share(kept: np.ndarray, first: int, last: int) -> float:
+    """Share of the token span ``[first, last]`` the compressed cache still holds, over all (layer, KV head)
+    pairs (``kept``: ``Session.kept_positions()``, a merged cell counted at its pivot token)."""
+    import numpy as np  # noqa: PLC0415
+
+    kept = np.asarray(kept)
+    n = (last - first + 1) * kept.shape[0] * kept.shape[1]
+    return float(np.count_nonzero((kept >= first) & (kept <= last))) / n if n > 0 else 0.0
 
 
 def cmd_demo(a) -> int:
     from .engine import Session  # noqa: PLC0415
+    from .engine.documents import load_document  # noqa: PLC0415
 
     pdf = Path(__file__).resolve().parent / "data" / "sample.pdf"
     if not pdf.is_file():
         raise KVMergeError(f"the bundled sample PDF is missing: {pdf} (run scripts/make_sample_pdf.py)")
-    with tempfile.TemporaryDirectory(prefix="kvmerge-demo-") as tmp:
-        model, tiny = _demo_model(Path(tmp))
-        with Session.open(model, n_ctx=a.n_ctx, method=DEFAULT_METHOD, budget=0.5, n_threads=a.threads) as s:
-            st = _ingest(s, pdf, a.quiet)
-            print(f"document: {pdf.name}, {len(s.pages)} pages, {st.tokens_ingested} tokens")
-            print(f"question: {DEMO_QUESTION} (the sample says, on page 2: mill)")
-            raw = s.fmt.name == "raw"
-            print("answer: " + ("The special magic word for water is " if raw else ""), end="", flush=True)
-            for piece in s.ask(DEMO_RAW_PROMPT if raw else DEMO_QUESTION, max_new_tokens=a.max_new_tokens, raw=raw):
-                print(piece, end="", flush=True)
-            print()
-            st = s.stats
-            mib = 1 << 20
-            print(f"memory: KV cache {st.kv_bytes_now / mib:.2f} MiB instead of {st.kv_bytes_full / mib:.2f} MiB "
-                  f"({st.kv_bytes_saved / mib:.2f} MiB saved, {100 * (1 - st.ratio):.0f}%); {st.doc_cells} cells for "
-                  f"{st.tokens_ingested} tokens; {st.n_compactions} compaction(s)")
-            print(st.summary())
-            if tiny:
-                print("(random tiny model: the answer above is meaningless)")
+    model = _demo_model(a.model)
+    mib = 1 << 20
+    with Session.open(model, n_ctx=a.n_ctx, method=DEFAULT_METHOD, budget=0.5, n_threads=a.threads) as s:
+        print(f"model: {s.model_label} ({s.model.path.name}, {s.model.path.stat().st_size / 1e6:.0f} MB), "
+              f"chat format {s.fmt.name}")
+        st = _ingest(s, pdf, a.quiet)
+        print(f"document: {pdf.name}, {len(s.pages)} pages, {st.tokens_ingested} tokens")
+        print(f"cache before compression: {st.tokens_ingested} cells, {st.kv_bytes_full / mib:.2f} MiB ({st.kv_type})")
+        print(f"cache after compression:  {st.doc_cells} cells, {st.kv_bytes_now / mib:.2f} MiB ({st.method} at "
+              f"budget {st.budget}: {st.kv_bytes_saved / mib:.2f} MiB saved, {100 * (1 - st.ratio):.0f}%; "
+              f"{st.n_compactions} compaction(s))")
+        raw = s.fmt.name == "raw"  # a raw-text model (the embedded kvmerge-tiny): its trained prompt layout
+        print(f"question: {DEMO_QUESTION}")
+        pieces = []
+        for piece in s.ask(DEMO_RAW_PROMPT if raw else DEMO_QUESTION, max_new_tokens=a.max_new_tokens, raw=raw):
+            pieces.append(piece)
+        answer = ("The special magic word for water is " if raw else "") + "".join(pieces).lstrip()
+        print(f"answer: {answer.strip()}")
+        doc = load_document(pdf)
+        cited = answer_pages(answer, doc.text, doc.pages)
+        spans = {p: (t0, t1) for p, t0, t1 in s.pages}
+        kept = s.kept_positions()
+        for p in cited:
+            t0, t1 = spans[p]
+            print(f"cited: page {p} (tokens {t0}-{t1}; the compressed cache holds {page_share(kept, t0, t1):.0%} "
+                  "of that page's tokens)")
+        if not cited:
+            print("cited: no page (the answer's words are not in the document)")
+        word, page = DEMO_EXPECTED
+        ok = word in _words(answer) and page in cited
+        print(f"expected: {word!r}, page {page}: {'correct' if ok else 'NOT what the document says'}")
+        print(s.stats.summary())
     return 0
 
 
@@ -274,14 +329,17 @@ def build_parser() -> argparse.ArgumentParser:
     me = sub.add_parser("methods", help="list the compression methods")
     me.add_argument("--json", action="store_true")
     me.set_defaults(func=cmd_methods)
-    d = sub.add_parser("demo", help="ingest the bundled sample PDF at a 50%% KVMerger budget and ask a question")
+    d = sub.add_parser("demo", help="ingest the bundled sample PDF at a 50%% KVMerger budget and ask a question "
+                                    "(on the document model SmolLM2-135M-Instruct that `make setup` pulls)")
+    d.add_argument("--model", default=None, help="GGUF path or models.txt name (default: the document model)")
     d.add_argument("--n-ctx", type=int, default=2048)
     d.add_argument("--threads", type=int, default=None)
     d.add_argument("--max-new-tokens", type=int, default=48)
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
     u = sub.add_parser("ui", help="start the web UI")
-    u.add_argument("--model", default=None)
+    u.add_argument("--model", default=None, help="model the picker preselects (GGUF path or models.txt name; default: "
+                                                 "the document model SmolLM2-135M-Instruct; others stay choosable)")
     u.add_argument("--host", default="127.0.0.1")
     u.add_argument("--port", type=int, default=None)
     u.set_defaults(func=cmd_ui)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
+import numpy as np
 import pytest
 
 from kvmerge_local.cli import main
@@ -82,20 +83,54 @@ def test_chat_reads_stdin(model_path, tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.llama
-def test_demo_runs(capsys):
-    """The demo runs on the embedded model when it is there, else on a tiny random model it says is one."""
-    from kvmerge_local.errors import ModelError
+def test_demo_runs_on_the_document_model(capsys):
+    """`make demo`: SmolLM2-135M-Instruct (skipped only when it is not downloaded; `make setup` pulls it)
+    answers the sample PDF's question through its chat template from a 50% cache, citing page 2."""
+    from kvmerge_local.models import DOCUMENT_MODEL, get_entry
+
+    if not get_entry(DOCUMENT_MODEL).local_path.is_file():
+        pytest.skip(f"{DOCUMENT_MODEL} is not downloaded (`make setup`)")
+    assert main(["demo", "--quiet", "--n-ctx", "1024", "--max-new-tokens", "24", "--threads", "2"]) == 0
+    out = capsys.readouterr().out
+    lines = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
+    assert lines["model"].startswith(f"{DOCUMENT_MODEL} (") and "chat format gguf" in lines["model"]
+    assert lines["document"].startswith("sample.pdf, 3 pages")
+    assert lines["question"] == "What is the special magic word for water?"
+    assert "mill" in lines["answer"].lower()
+    assert lines["cited"].startswith("page 2 (tokens ")
+    assert lines["expected"].endswith("correct") and "NOT" not in lines["expected"]
+    before, after = (int(lines[k].split()[0]) for k in ("cache before compression", "cache after compression"))
+    assert after == before // 2 and "50%" in lines["cache after compression"]
+
+
+def test_demo_without_the_document_model_says_how_to_get_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KVMERGE_MODELS", str(tmp_path))
+    assert main(["demo", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "make setup" in err and "kvmerge-local pull smollm2-135m-instruct" in err and "not downloaded" in err
+
+
+@pytest.mark.llama
+def test_demo_on_a_raw_model_uses_its_prompt_layout(capsys):
+    """`demo --model`: the embedded kvmerge-tiny (no chat template) gets the question in its trained layout."""
     from kvmerge_local.models import default_model
 
-    try:
-        default_model()
-        embedded = True
-    except ModelError:
-        embedded = False
-    assert main(["demo", "--quiet", "--n-ctx", "1024", "--max-new-tokens", "8", "--threads", "2"]) == 0
-    cap = capsys.readouterr()
-    assert "sample.pdf, 3 pages" in cap.out and "saved" in cap.out
-    if embedded:
-        assert "answer:" in cap.out and "meaningless" not in cap.err + cap.out
-    else:
-        assert "meaningless" in cap.err + cap.out
+    assert main(["demo", "--model", str(default_model()), "--quiet", "--n-ctx", "1024", "--max-new-tokens", "4",
+                 "--threads", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "chat format raw" in out and "answer: The special magic word for water is" in out and "saved" in out
+
+
+def test_answer_pages_finds_where_the_answer_words_come_from():
+    from kvmerge_local.cli import answer_pages, page_share
+
+    text = "[Page 1]\nThe lake is 41 metres deep.\n[Page 2]\nThe magic word is mill.\n[Page 3]\nMill Road, 41 metres."
+    pages = [(1, 0, 36), (2, 37, 69), (3, 70, len(text))]
+    assert [text[a:b].split("\n")[1] for _, a, b in pages] == ["The lake is 41 metres deep.", "The magic word is mill.",
+                                                               "Mill Road, 41 metres."]
+    assert answer_pages("The magic word is mill.", text, pages) == [2]
+    assert answer_pages("It is 41 metres deep", text, pages) == [1]
+    assert answer_pages("41 metres", text, pages) == [1, 3]  # a tie cites both
+    assert answer_pages("I do not know", text, pages) == []
+    kept = np.array([[[0, 1, 2, 9]], [[0, 5, 6, 7]]])  # 2 layers x 1 head: tokens 0-3 held 4 times of 8
+    assert page_share(kept, 0, 3) == 4 / 8 and page_share(kept, 5, 7) == 3 / 6

@@ -9,9 +9,10 @@ import time
 import numpy as np
 import pytest
 from kvmerge_local.defaults import DEFAULT_METHOD
+from kvmerge_local.models import DOCUMENT_MODEL
 
-from ui.choices import (EMBEDDED, Settings, embedded_model, installed_models, kv_type_choices, method_choices,
-                        model_choices)
+from ui.choices import (EMBEDDED, Settings, default_model_choice, embedded_model, installed_models, kv_type_choices,
+                        method_choices, model_choices)
 from ui.documents import UploadError, check_upload
 from ui.library import CACHE, META, Library, SavedDoc
 from ui.render import citations_markdown, cited_pages, coverage, gauge_html, plot_html
@@ -108,8 +109,12 @@ def test_pickers_offer_the_registry_and_the_bridge_types():
     assert kv[0] == "f16" and sorted(kv) == sorted(KV_TYPES)
     models = model_choices("/some/where/model.gguf")
     assert ("model.gguf", "/some/where/model.gguf") in models
-    assert (models[0][1] == EMBEDDED) == (embedded_model() is not None)
-    assert model_choices(None)[0][1] == EMBEDDED or installed_models()  # never an empty picker
+    # the real document model first (preselected when --model is absent), offered even before it is pulled;
+    # the embedded tiny model and installed models.txt entries stay choosable
+    assert models[0][1] == DOCUMENT_MODEL and default_model_choice(None) == DOCUMENT_MODEL
+    assert default_model_choice("/m/x.gguf") == "/m/x.gguf"
+    assert (EMBEDDED in {v for _, v in models}) == (embedded_model() is not None)
+    assert set(installed_models()) <= {v for _, v in model_choices(None)}
 
 
 def test_check_upload_refuses_with_clear_messages(tmp_path):

@@ -16,7 +16,8 @@ import gradio as gr
 
 from kvmerge_local.errors import KVMergeError
 
-from .choices import N_CTX_CHOICES, Settings, kv_type_choices, method_choices, model_choices
+from .choices import (N_CTX_CHOICES, Settings, default_model_choice, document_model_missing, kv_type_choices,
+                      method_choices, model_choices)
 from .documents import DEFAULT_MAX_MB, UploadError, suffixes
 from .library import Library
 from .render import CSS, citations_markdown, cited_pages, gauge_html, plot_html
@@ -66,7 +67,8 @@ def build_app(engine_factory: Any = None, *, default_model: str | None = None, l
 
     ``engine_factory``: the ``Session`` class, or an object with the same ``open(model, **kw)`` and
     ``load(path, model=None, **kw)``; None uses :class:`kvmerge_local.Session`.  ``default_model`` preselects
-    a model (path or models.txt name).  ``library``: where saved caches live (default ``$KVMERGE_DOCS`` or
+    a model (path or models.txt name; default: the document model SmolLM2-135M-Instruct that ``make setup``
+    pulls).  ``library``: where saved caches live (default ``$KVMERGE_DOCS`` or
     ``~/.cache/kvmerge-local/docs``).  ``defaults``: initial picker values (method, budget, kv_type, n_ctx).
     ``engine_kwargs``: ``Session.open`` keywords for every document (n_gpu_layers, n_threads, flash_attn...).
     ``max_new_tokens``: the longest answer.  The workbench that owns the engine is ``app.workbench``
@@ -182,7 +184,7 @@ def build_app(engine_factory: Any = None, *, default_model: str | None = None, l
                                file_types=list(suffixes()), type="filepath",
                                height=120, elem_id="kvm-file")
                 with gr.Accordion("Model and compression", open=True):
-                    model = gr.Dropdown(models, value=default_model or models[0][1], label="Model",
+                    model = gr.Dropdown(models, value=default_model_choice(default_model), label="Model",
                                         info="or type a GGUF path or a models.txt name",
                                         allow_custom_value=True, elem_id="kvm-model")
                     method = gr.Dropdown(methods, value=base.method, label="Compression method",
@@ -241,7 +243,8 @@ def launch(model: str | None = None, host: str = "127.0.0.1", port: int | None =
            max_new_tokens: int = 256, block: bool = True, quiet: bool = False, **kw) -> gr.Blocks:
     """Serve the app on ``host:port`` (loopback and a free port by default).
 
-    ``model``: the preselected model (path or models.txt name; default: the embedded model).  Other keywords:
+    ``model``: the preselected model (path or models.txt name; default: the document model
+    SmolLM2-135M-Instruct, ``make setup``; a warning says so when it is not downloaded).  Other keywords:
     picker defaults (``method``, ``budget``, ``kv_type``, ``n_ctx``) and engine options for every document
     (``n_gpu_layers``, ``n_threads``, ``flash_attn``, ``seed``, ``position_policy``, ``method_params``).
     ``block=False`` returns the running app at once (``app.local_url``; ``app.close()`` stops it).
@@ -251,6 +254,10 @@ def launch(model: str | None = None, host: str = "127.0.0.1", port: int | None =
         raise TypeError(f"launch() got unexpected keyword(s): {', '.join(unknown)}")
     defaults = {k: v for k, v in kw.items() if k in ("method", "budget", "kv_type", "n_ctx")}
     engine_kwargs = {k: v for k, v in kw.items() if k in ENGINE_DEFAULTS and v is not None}
+    if not model:
+        missing = document_model_missing()
+        if missing:
+            log.warning("%s", missing)
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: anyone who can reach it can read your documents", host)
     app = build_app(engine_factory, default_model=model, library=Library(docs_dir), max_upload_mb=max_upload_mb,

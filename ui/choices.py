@@ -84,20 +84,47 @@ def embedded_model() -> str | None:
         return None
 
 
+def document_model() -> str:
+    """The models.txt name of the real document model (SmolLM2-135M-Instruct, pulled by ``make setup``): the
+    model the picker preselects when ``--model`` is not given."""
+    from kvmerge_local.models import DOCUMENT_MODEL
+
+    return DOCUMENT_MODEL
+
+
+def document_model_missing() -> str | None:
+    """Why the document model cannot be used (not downloaded, or not matching models.txt), or None."""
+    from kvmerge_local import models
+    from kvmerge_local.errors import ModelError
+
+    try:
+        models.default_document_model()
+    except ModelError as exc:
+        return str(exc)
+    return None
+
+
+def default_model_choice(preferred: str | None = None) -> str:
+    """The picker's initial value: ``preferred`` (``--model``), else the document model."""
+    return preferred or document_model()
+
+
 def model_choices(preferred: str | None = None) -> list[tuple[str, str]]:
-    """(label, value) pairs: the embedded default (when present), the installed models.txt entries, and
-    ``preferred`` (``--model``).  With none of these, the embedded default is still offered: choosing it
-    then explains how to get a model."""
-    out = []
+    """(label, value) pairs: the document model first (offered even when it is not downloaded: choosing it
+    then says how to get it), the embedded default (when present; the tiny benchmark model), the other
+    installed models.txt entries, and ``preferred`` (``--model``)."""
+    doc = document_model()
+    installed = installed_models()
+    note = "document model" if doc in installed else "document model, not downloaded: run `make setup`"
+    out = [(f"{model_label(doc)} ({note})", doc)]
     embedded = embedded_model()
     if embedded:
-        out.append((f"Embedded default ({embedded})", EMBEDDED))
-    for name in installed_models():
-        out.append((model_label(name), name))
+        out.append((f"Embedded tiny model ({embedded}, benchmark tasks only)", EMBEDDED))
+    for name in installed:
+        if name != doc:
+            out.append((model_label(name), name))
     if preferred and preferred not in {v for _, v in out}:
         out.append((model_label(preferred), preferred))
-    if not out:
-        out.append(("Embedded default (not installed)", EMBEDDED))
     return out
 
 
