@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from ..errors import KVMergeError
-from . import harness, perplexity, report
+from . import harness, perplexity, report, suite_report
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvmerge-local bench", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="GGUF path or models.txt name (default: the embedded model)")
-    p.add_argument("--tasks", required=True, type=Path, help="JSONL: {id, task, context, question, answer} per line")
+    p.add_argument("--tasks", required=True, type=Path, help="JSONL: {id, task, context, question, answer} per line "
+                   "(without --tasks, `kvmerge-local bench` runs the real-model RULER-style suite: see bench/suite_cli.py)")
     p.add_argument("--methods", default="full,streaming_llm,h2o,snapkv,tova,cam,kvmerger",
                    help="comma-separated method names (kvmerge-local methods; also cam+<selection>)")
     p.add_argument("--budgets", default="0.5,0.35,0.2", help="comma-separated fractions in (0, 1]")
@@ -72,6 +73,11 @@ def _sha256(model: str | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv``, run, write the reports; returns the exit status (2 on a user error)."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not any(x == "--tasks" or x.startswith("--tasks=") for x in args) and not any(x in ("-h", "--help") for x in args):
+        from . import suite_cli  # noqa: PLC0415  (no task file: the real-model suite)
+
+        return suite_cli.main(args)
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if a.verbose:  # per-configuration accuracy lines (also under `kvmerge-local bench`, whose root logger is set)
@@ -112,9 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     except (KVMergeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(paths["md"].read_text())
-    print(f"wrote {paths['json']}, {paths['md']}, " + ", ".join(str(p) for p in paths["plots"]))
-    return 0
+    return suite_report.show(paths)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ REGISTRY: dict[str, Method] = {
     "kvmerger+sigma5": KVMerger(sigma=5.0),
     "kvmerger+skip": KVMerger(skip_layers=(0, 1, -1)),
     "kvzip": KVzip(),
+    "kvmerger+kvzip": KVMerger(mode="budget", evidence="reconstruct", k_top=0.8),
 }
 REGISTRY["cam"] = REGISTRY["cam+streaming_llm"]
 

@@ -1,0 +1,102 @@
+"""``kvmerge-local bench`` without ``--tasks``: the RULER-style real-model suite in one command.
+
+    kvmerge-local bench [--model smollm2-135m-instruct] [--n-per-task 4] [--lengths 1024,2048] \\
+        [--methods full,kvzip,snapkv,...] [--budgets 0.5,0.25] [--prompt chat] --out DIR
+
+Generates the documents (:mod:`.ruler`, seeded; or reads ``--documents FILE``), runs every method x budget
+on every document with a progress bar (:mod:`.suite`: one prefill per document), and writes
+DIR/results.json, DIR/results.md and DIR/retention_vs_budget.png (:mod:`.suite_report`).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from ..errors import KVMergeError
+from . import ruler, suite, suite_report
+from .harness import BenchError, make_method, parse_budgets, parse_methods
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METHODS = "full,kvzip,kvmerger+kvzip,cam+kvzip,snapkv,h2o,tova,streaming_llm,kvmerger+budget"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvmerge-local bench", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="GGUF path or models.txt name (default: the real document model)")
+    p.add_argument("--documents", type=Path, default=None, help="suite JSONL to read instead of generating")
+    p.add_argument("--tasks-only", default=",".join(ruler.TASKS), help="task types to generate")
+    p.add_argument("--n-per-task", type=int, default=4, help="documents per task type")
+    p.add_argument("--lengths", default="1024,2048", help="document lengths in tokens, cycled")
+    p.add_argument("--seed", type=int, default=ruler.BENCH_SEED)
+    p.add_argument("--methods", default=DEFAULT_METHODS)
+    p.add_argument("--budgets", default="0.5,0.25")
+    p.add_argument("--prompt", default="chat", choices=["chat", "raw"])
+    p.add_argument("--n-ctx", type=int, default=None, help="default: the longest document + 512")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    a = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from ..engine import Session  # noqa: PLC0415
+    from ..models import default_document_model  # noqa: PLC0415
+
+    try:
+        names = parse_methods(a.methods)
+        budgets = parse_budgets(a.budgets)
+        lengths = [int(x) for x in a.lengths.split(",") if x.strip()]
+        if not lengths or min(lengths) < 128:
+            raise BenchError("--lengths must be token counts >= 128")
+        if a.n_per_task < 1:
+            raise BenchError("--n-per-task must be >= 1")
+        tasks = tuple(t.strip() for t in a.tasks_only.split(",") if t.strip())
+        bad = [t for t in tasks if t not in ruler.TASKS]
+        if bad:
+            raise BenchError(f"unknown task type(s) {', '.join(bad)}; known: {', '.join(ruler.TASKS)}")
+        configs = [("full", make_method("full"), 1.0)] if "full" in names else []
+        configs += [(n, make_method(n), b) for n in names if n != "full" for b in budgets]
+        if not any(n == "full" for n, _, _ in configs):
+            raise BenchError("the suite needs 'full' among the methods (retention is measured against it)")
+        model = a.model if a.model is not None else str(default_document_model())
+        n_ctx = a.n_ctx or (max(lengths) + 512 if a.documents is None else 8192)
+        t0 = time.perf_counter()
+        with Session.open(model, n_ctx=n_ctx, n_threads=a.threads,
+                          chat_format="raw" if a.prompt == "raw" else None) as s:
+            if a.documents is not None:
+                docs = ruler.read_documents(a.documents)
+            else:
+                docs = ruler.generate(a.n_per_task, lengths, a.seed, lambda t: len(s.model.tokenize(t)), tasks)
+            rows = _run(s, docs, configs, suite.SuiteConfig(prompt=a.prompt), a.quiet)
+            label = s.model_label
+        meta = {"model": label, "prompt": a.prompt, "n_ctx": n_ctx, "documents": len(docs),
+                "lengths": a.lengths, "seed": a.seed, "seconds": round(time.perf_counter() - t0, 1)}
+        paths = suite_report.write(a.out, rows, meta)
+    except (KVMergeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return suite_report.show(paths)
+
+
+def _run(session, docs: list[dict], configs, cfg, quiet: bool) -> list[dict]:
+    bar = None
+    if not quiet:
+        from tqdm import tqdm  # noqa: PLC0415
+
+        bar = tqdm(total=len(docs) * len(configs), desc="documents x configurations", unit="run", file=sys.stderr)
+    rows = []
+    try:
+        for d in docs:
+            rows += suite.run_document(session, d, configs, cfg, progress=bar.update if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    return rows

@@ -1,0 +1,160 @@
+"""Aggregates of the real-model suite: accuracy with 95% intervals and retention against the full cache.
+
+Rows come from :func:`.suite.run_document` (one per method x budget x question).  Intervals are percentile
+bootstrap intervals over DOCUMENTS (questions of one document share its compressed cache, so they are not
+independent), 2000 resamples, seeded.  *Retention* = accuracy of the method / accuracy of the full cache on
+the same questions (a paired ratio: both come from the same resample).  Breakdowns: task type, answer shape
+and needle depth (thirds of the document).
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+N_BOOT = 2000
+DEPTHS = ((0.0, 1 / 3, "start"), (1 / 3, 2 / 3, "middle"), (2 / 3, 1.01, "end"))
+
+
+def _depth_bin(d) -> str:
+    if d is None:
+        return "-"
+    for lo, hi, name in DEPTHS:
+        if lo <= float(d) < hi:
+            return name
+    return "end"
+
+
+def _boot(docs: list[str], method: np.ndarray, full: np.ndarray, seed: int = 0) -> dict:
+    """Accuracy and retention with bootstrap intervals; ``method``/``full``: per-question scores in [0, 1],
+    ``docs``: the document of each question (the resampling unit)."""
+    uniq, inv = np.unique(np.asarray(docs), return_inverse=True)
+    n_doc = len(uniq)
+    s_m = np.bincount(inv, weights=method, minlength=n_doc)
+    s_f = np.bincount(inv, weights=full, minlength=n_doc)
+    cnt = np.bincount(inv, minlength=n_doc).astype(float)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n_doc, (N_BOOT, n_doc))
+    w = np.stack([np.bincount(r, minlength=n_doc) for r in idx]).astype(float)
+    acc_b = (w @ s_m) / np.maximum(w @ cnt, 1)
+    full_b = (w @ s_f) / np.maximum(w @ cnt, 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ret_b = acc_b / full_b
+    acc, fa = float(method.mean()), float(full.mean())
+    ret = acc / fa if fa > 0 else float("nan")
+    ret_b = ret_b[np.isfinite(ret_b)]
+    return {"acc": acc, "acc_lo": float(np.percentile(acc_b, 2.5)), "acc_hi": float(np.percentile(acc_b, 97.5)),
+            "full": fa, "retention": ret,
+            "ret_lo": float(np.percentile(ret_b, 2.5)) if len(ret_b) else float("nan"),
+            "ret_hi": float(np.percentile(ret_b, 97.5)) if len(ret_b) else float("nan"),
+            "n": int(len(method)), "n_docs": n_doc}
+
+
+def aggregate(rows: list[dict]) -> dict:
+    """{"overall": [...], "by": {"task"|"shape"|"depth": [...]}}: one entry per method x budget (x group)."""
+    full = {(r["doc"], r["q"]): r["score"] for r in rows if r["method"] == "full"}
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["method"], r["budget"])].append(r)
+    out = {"overall": [], "by": {"task": [], "shape": [], "depth": []}}
+    for (method, budget), rs in groups.items():
+        def one(sub: list[dict]) -> dict:
+            return _boot([r["doc"] for r in sub], np.array([r["score"] for r in sub], float),
+                         np.array([full[(r["doc"], r["q"])] for r in sub], float))
+        base = {"method": method, "budget": budget, "cells": float(np.mean([r["cells"] for r in rs])),
+                "tokens": float(np.mean([r["tokens"] for r in rs])),
+                "t_compact": float(np.mean([r["t_compact"] for r in rs]))}
+        out["overall"].append({**base, **one(rs)})
+        for key, fn in (("task", lambda r: r["task"]), ("shape", lambda r: r["shape"]),
+                        ("depth", lambda r: _depth_bin(r.get("depth")))):
+            sub: dict[str, list[dict]] = defaultdict(list)
+            for r in rs:
+                sub[fn(r)].append(r)
+            for g, srs in sorted(sub.items()):
+                out["by"][key].append({"method": method, "budget": budget, key: g, **one(srs)})
+    return out
+
+
+def _pct(x: float) -> str:
+    return "—" if not np.isfinite(x) else f"{100 * x:.0f}"
+
+
+def markdown(agg: dict, meta: dict) -> str:
+    """The report: overall table (accuracy and retention with intervals), then retention per group."""
+    lines = [f"# Real-model suite: {meta.get('model', '')}", "",
+             ", ".join(f"{k}: {v}" for k, v in meta.items() if k != "model"), "",
+             "| method | budget | acc % (95% CI) | retention % (95% CI) | questions | docs | cells | compact s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(agg["overall"], key=lambda r: (-r["budget"], -r["acc"])):
+        lines.append(f"| {r['method']} | {r['budget']:g} | {_pct(r['acc'])} ({_pct(r['acc_lo'])}–{_pct(r['acc_hi'])}) "
+                     f"| {_pct(r['retention'])} ({_pct(r['ret_lo'])}–{_pct(r['ret_hi'])}) | {r['n']} | {r['n_docs']} "
+                     f"| {r['cells']:.0f} / {r['tokens']:.0f} | {r['t_compact']:.2f} |")
+    for key in ("task", "shape", "depth"):
+        rows = agg["by"][key]
+        cols = sorted({r[key] for r in rows})
+        lines += ["", f"## Retention by {key} (full-cache accuracy in the first row)", "",
+                  "| method | budget | " + " | ".join(cols) + " |", "| --- | --- |" + " --- |" * len(cols)]
+        cell = {(r["method"], r["budget"], r[key]): r for r in rows}
+        confs = sorted({(r["method"], r["budget"]) for r in rows}, key=lambda c: (c[0] != "full", -c[1], c[0]))
+        for m, b in confs:
+            vals = []
+            for c in cols:
+                r = cell.get((m, b, c))
+                vals.append("" if r is None else (_pct(r["acc"]) if m == "full" else _pct(r["retention"])))
+            lines.append(f"| {m} | {b:g} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(agg: dict, out: Path) -> list[Path]:
+    """retention_vs_budget.png and accuracy_by_depth.png (matplotlib, Agg)."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by_m: dict[str, list[dict]] = defaultdict(list)
+    for r in agg["overall"]:
+        if r["method"] != "full":
+            by_m[r["method"]].append(r)
+    for m, rs in sorted(by_m.items()):
+        rs.sort(key=lambda r: r["budget"])
+        x = [r["budget"] for r in rs]
+        y = [100 * r["retention"] for r in rs]
+        lo = [100 * r["ret_lo"] for r in rs]
+        hi = [100 * r["ret_hi"] for r in rs]
+        ax.plot(x, y, marker="o", label=m)
+        ax.fill_between(x, lo, hi, alpha=0.12)
+    ax.axhline(100, color="k", lw=0.8, ls="--")
+    ax.set_xlabel("budget (fraction of the document's cells kept)")
+    ax.set_ylabel("retention of full-cache accuracy, %")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    p = out / "retention_vs_budget.png"
+    fig.tight_layout()
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+    return paths
+
+
+def write(out: str | Path, rows: list[dict], meta: dict) -> dict:
+    """DIR/results.json (rows, aggregates, meta), DIR/results.md and the PNGs; returns their paths."""
+    d = Path(out)
+    d.mkdir(parents=True, exist_ok=True)
+    agg = aggregate(rows)
+    pj = d / "results.json"
+    pj.write_text(json.dumps({"meta": meta, "aggregate": agg, "rows": rows}, indent=1, default=str))
+    pm = d / "results.md"
+    pm.write_text(markdown(agg, meta))
+    return {"json": pj, "md": pm, "plots": plots(agg, d)}
+
+
+def show(paths: dict) -> int:
+    """Print a written report and where its files are; returns 0 (the CLI's exit status)."""
+    print(paths["md"].read_text())
+    print(f"wrote {paths['json']}, {paths['md']}, " + ", ".join(str(p) for p in paths["plots"]))
+    return 0
