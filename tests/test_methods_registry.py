@@ -13,7 +13,7 @@ from kvmerge_local.methods import (
 from kvmerge_local.methods.reference import reference_plan
 
 NAMES = sorted(REGISTRY)
-KINDS = {"none", "window", "all", "last"}
+KINDS = {"none", "window", "all", "last", "reconstruct"}
 
 
 def make_inputs(L=2, H=3, N=41, d=8, seed=0, dtype=np.float16, transposed_v=True):

@@ -12,6 +12,7 @@ from .base import Method, check_inputs, identity_plan, plan_from_indices, protec
 from .cam import CaM
 from .full import Full
 from .h2o import H2O
+from .kvzip import KVzip
 from .kvmerger import KVMerger
 from .snapkv import SnapKV
 from .streaming_llm import StreamingLLM
@@ -26,7 +27,7 @@ def reference_select(method: Method, keys, positions, evidence, m: int) -> np.nd
     if isinstance(method, StreamingLLM):
         s, r = protected_counts(method.n_sink, max(1, m - method.n_sink), m)
         return R.select_topk(np.zeros((L, H, N), np.float32), s, r, m)
-    if isinstance(method, H2O):
+    if isinstance(method, (H2O, KVzip)):
         s, r = protected_counts(method.n_sink, method.recent(m), m)
         return R.select_topk(evidence, s, r, m)
     if isinstance(method, SnapKV):
