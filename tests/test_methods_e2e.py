@@ -12,7 +12,7 @@ from kvmerge_local.testing import reference as ref
 
 pytestmark = pytest.mark.llama
 
-EVIDENCE_WINDOW = {"none": None, "all": 0, "last": 1}
+EVIDENCE_WINDOW = {"none": None, "all": 0, "last": 1, "reconstruct": 0}  # replay scores: any evidence drives the plan; the replay itself is tests/test_replay.py
 
 
 @pytest.fixture(scope="module")
