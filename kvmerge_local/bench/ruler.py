@@ -1,6 +1,6 @@
 """RULER-style long-document tasks with real answer shapes, several questions per document (generated locally).
 
-A *document* record (JSONL) is ``{"id", "task", "context", "questions": [{"question", "answer", "depth",
+A *document* record (JSONL; ``kvmerge-local bench --documents FILE`` reads one per line) is ``{"id", "task", "context", "questions": [{"question", "answer", "depth",
 "shape"}], "n_tokens"}``: the context is compressed ONCE, then every question is asked on the same compressed
 cache (the chat case).  ``answer`` is a list of strings: the score of a reply is the fraction of them it
 contains (RULER's ``string_match_all``; 0/1 for one answer).
@@ -22,11 +22,9 @@ Task types (after RULER, Hsieh et al. 2024; templates are RULER's wording):
 """
 from __future__ import annotations
 
-import json
 import re
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 
@@ -229,25 +227,3 @@ def score_all(output: str, answers: list[str]) -> float:
         if re.search(r"(?<![0-9a-z])" + re.escape(a) + r"(?![0-9a-z])", o):
             hits += 1
     return hits / len(answers) if answers else 0.0
-
-
-def write_documents(path: str | Path, docs: list[dict]) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with open(p, "w", encoding="utf-8") as fh:
-        for d in docs:
-            fh.write(json.dumps(d, ensure_ascii=False) + "\n")
-    return p
-
-
-def read_documents(path: str | Path) -> list[dict]:
-    """Document records of a suite file (ValueError naming the line on a malformed record)."""
-    out = []
-    for ln, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        r = json.loads(line)
-        if not isinstance(r, dict) or not r.get("context") or not r.get("questions"):
-            raise ValueError(f"{path}:{ln}: a suite record needs 'context' and a non-empty 'questions' list")
-        out.append(r)
-    return out

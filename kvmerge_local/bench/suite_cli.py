@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import KVMergeError
 from . import ruler, suite, suite_report
-from .harness import BenchError, make_method, parse_budgets, parse_methods
+from .harness import BenchError, make_method, parse_budgets, parse_methods, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         with Session.open(model, n_ctx=n_ctx, n_threads=a.threads,
                           chat_format="raw" if a.prompt == "raw" else None) as s:
             if a.documents is not None:
-                docs = ruler.read_documents(a.documents)
+                docs = read_documents(a.documents)
             else:
                 docs = ruler.generate(a.n_per_task, lengths, a.seed, lambda t: len(s.model.tokenize(t)), tasks)
             rows = _run(s, docs, configs, suite.SuiteConfig(prompt=a.prompt), a.quiet)
@@ -84,6 +84,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return suite_report.show(paths)
+
+
+def read_documents(path: Path) -> list[dict]:
+    """Document records of a suite file (:mod:`.ruler`'s format); BenchError names the file and line."""
+    out = []
+    for ln, r in read_jsonl(path, "suite document file"):
+        if not r.get("context") or not r.get("questions"):
+            raise BenchError(f"{path}:{ln}: a suite record needs 'context' and a non-empty 'questions' list")
+        out.append(r)
+    return out
 
 
 def _run(session, docs: list[dict], configs, cfg, quiet: bool) -> list[dict]:

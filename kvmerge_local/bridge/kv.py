@@ -179,13 +179,16 @@ class KVBridge:
     def reset_evidence(self) -> None:
         _lib.evidence_reset(self.ctx.ptr)
 
-    def evidence(self, st: KVState | None = None, per_kv_head: bool = True) -> np.ndarray:
+    def evidence(self, st: KVState | None = None, per_kv_head: bool = True, below: int | None = None) -> np.ndarray:
         """Accumulated evidence of the sequence's cells, in blob order.
 
         Returns float32[n_layer, n_kv_head, N] (query heads of a GQA group summed) or, with
-        ``per_kv_head=False``, float32[n_layer, n_head, N].  ``st`` only fixes N for a consistency check.
+        ``per_kv_head=False``, float32[n_layer, n_head, N].  ``st`` only fixes N for a consistency check;
+        ``below``: only the cells at positions ``< below`` (N counts those).
         """
-        slots, _ = _lib.seq_cells(self.ctx.ptr, self.seq_id)
+        slots, pos = _lib.seq_cells(self.ctx.ptr, self.seq_id)
+        if below is not None:
+            slots = slots[np.asarray(pos) < below]
         if st is not None and len(slots) != st.n_cells:
             raise KVMergeError(f"the cache holds {len(slots)} cells, the state {st.n_cells}: read it again")
         n_head = int(self.ctx.model.info["n_head"])

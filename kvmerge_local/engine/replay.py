@@ -59,8 +59,7 @@ def replay_scores(bridge: KVBridge, doc_tokens: np.ndarray, first_prompt: np.nda
                 for s0 in range(0, len(seq), step):
                     bridge.reset_evidence()
                     ctx.decode(seq[s0:s0 + step], logits="none")
-                    ev = bridge.evidence(per_kv_head=False)
-                    np.maximum(best, ev[:, :, bridge.cell_positions() < p_end], out=best)
+                    np.maximum(best, bridge.evidence(per_kv_head=False, below=p_end), out=best)
                     n_fed += len(seq[s0:s0 + step])
             finally:
                 bridge.remove_from(p_end)

@@ -264,8 +264,9 @@ class Session(Conversation, Persistence):
         else:
             reindex = self.ctx.n_past + upcoming + self.reserve > self.n_ctx_train
         if self.method.evidence_kind == "reconstruct":
-            self.book.evidence = np.maximum(self.book.evidence, self._replay_scores())
             ev_on = False
+            if self._replayed <= int(self.book.doc_pos.max()):  # tokens not replayed yet
+                self.book.evidence = np.maximum(self.book.evidence, self._replay_scores())
         self.book, res = compact(self.bridge, self.method, self.book, m, reindex=reindex,
                                  rope=self.rope if reindex else None, evidence_on=ev_on)
         self._t_compact += res.seconds
