@@ -1,0 +1,114 @@
+"""The real-model suite: document generator, scoring, aggregates, and on SmolLM2 a compressed cache that keeps
+needles the full cache answers."""
+from __future__ import annotations
+
+import re
+import uuid
+
+import pytest
+
+from kvmerge_local.bench import ruler, suite, suite_report
+from kvmerge_local.bench.harness import BenchError, make_method
+from kvmerge_local.bench.suite_cli import read_documents
+
+
+def _count(text: str) -> int:
+    return len(text) // 4
+
+
+def test_generator_places_every_answer_at_its_depth_and_length():
+    docs = ruler.generate(6, [600, 1200], 5, _count)
+    assert {d["task"] for d in docs} == set(ruler.TASKS)
+    assert {d["shape"] for d in docs if d["task"] == "niah_single"} == {"number", "uuid", "word"}
+    for d in docs:
+        ctx = d["context"]
+        for q in d["questions"]:
+            for a in q["answer"]:
+                assert a in ctx, (d["id"], a)
+                if q["shape"] == "number":
+                    assert re.fullmatch(r"[1-9]\d{6}", a)
+                if q["shape"] == "uuid":
+                    assert str(uuid.UUID(a)) == a
+        if d["task"] != "common_words":
+            assert abs(_count(ctx) - d["n_tokens"]) < 0.15 * d["n_tokens"], d["id"]
+        if d["task"] == "niah_multiquery":
+            depths = [q["depth"] for q in d["questions"]]
+            assert [int(x * 4) for x in depths] == [0, 1, 2, 3]
+            offs = [ctx.index(q["answer"][0]) for q in d["questions"]]
+            assert offs == sorted(offs)  # a deeper needle sits later in the document
+    assert ruler.generate(6, [600, 1200], 5, _count) == docs
+    assert ruler.generate(6, [600, 1200], 6, _count) != docs
+
+
+def test_score_all_matches_whole_answers_only():
+    assert ruler.score_all("It is 1234567.", ["1234567"]) == 1.0
+    assert ruler.score_all("It is 12345678.", ["1234567"]) == 0.0
+    assert ruler.score_all("cat, Dog and emu", ["dog", "cat", "yak", "emu"]) == 0.75
+
+
+def test_aggregate_retention_is_method_over_full_on_the_same_questions():
+    rows = []
+    for d in range(10):
+        for q in range(2):
+            full = 1.0 if (d + q) % 2 == 0 else 0.0
+            base = {"doc": f"d{d}", "q": q, "task": "t", "shape": "number", "depth": 0.1 * d, "cells": 1,
+                    "tokens": 2, "t_compact": 0.0}
+            rows.append({**base, "method": "full", "budget": 1.0, "score": full})
+            rows.append({**base, "method": "m", "budget": 0.5, "score": full if d < 5 else 0.0})
+    agg = {(r["method"], r["budget"]): r for r in suite_report.aggregate(rows)["overall"]}
+    m = agg[("m", 0.5)]
+    assert m["full"] == pytest.approx(0.5) and m["acc"] == pytest.approx(0.25)
+    assert m["retention"] == pytest.approx(0.5)
+    assert m["acc_lo"] <= m["acc"] <= m["acc_hi"] and m["ret_lo"] <= m["retention"] <= m["ret_hi"]
+    assert agg[("full", 1.0)]["retention"] == pytest.approx(1.0)
+    depth = {r["depth"]: r for r in suite_report.aggregate(rows)["by"]["depth"] if r["method"] == "m"}
+    assert depth["start"]["retention"] == pytest.approx(1.0) and depth["end"]["acc"] == 0.0
+
+
+def test_read_documents_names_the_bad_line(tmp_path):
+    p = tmp_path / "docs.jsonl"
+    p.write_text('{"context": "x", "questions": [{"question": "q", "answer": ["a"]}]}\n{"context": "y"}\n')
+    with pytest.raises(BenchError, match=r"docs.jsonl:2"):
+        read_documents(p)
+
+
+# ------------------------------------------------------------------------------------------ real model
+@pytest.fixture(scope="module")
+def smollm2():
+    from kvmerge_local.errors import ModelError
+    from kvmerge_local.models import default_document_model
+
+    try:
+        path = default_document_model()
+    except ModelError as exc:
+        pytest.skip(f"the real document model is not set up ({exc})")
+    from kvmerge_local.engine import Session
+
+    with Session.open(path, n_ctx=1536, n_threads=2) as s:
+        yield s
+
+
+def _needle(session, seed: int, shape: str) -> dict:
+    docs = ruler.generate(3, [768], seed, lambda t: len(session.model.tokenize(t)), tasks=("niah_single",))
+    return next(d for d in docs if d["shape"] == shape)
+
+
+CONFIGS = [("full", make_method("full"), 1.0), ("kvzip", make_method("kvzip"), 0.5)]
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize("seed,shape", [(1, "number"), (3, "number"), (1, "word")])
+def test_compressed_cache_keeps_a_needle_the_full_cache_answers(smollm2, seed, shape):
+    rows = {r["method"]: r for r in suite.run_document(smollm2, _needle(smollm2, seed, shape), CONFIGS, suite.SuiteConfig())}
+    assert rows["full"]["score"] == 1.0, rows["full"]["output"]
+    assert rows["kvzip"]["cells"] == round(0.5 * rows["kvzip"]["tokens"])
+    assert rows["kvzip"]["score"] == 1.0, rows["kvzip"]["output"]
+
+
+@pytest.mark.llama
+@pytest.mark.xfail(strict=True, reason="known gap: at 50% KVzip loses 36-character UUIDs that the full cache "
+                                       "answers on SmolLM2 (the first ~20 characters survive)")
+def test_compressed_cache_keeps_a_uuid_needle(smollm2):
+    rows = {r["method"]: r for r in suite.run_document(smollm2, _needle(smollm2, 3, "uuid"), CONFIGS, suite.SuiteConfig())}
+    assert rows["full"]["score"] == 1.0
+    assert rows["kvzip"]["score"] == 1.0
