@@ -15,6 +15,7 @@ import re
 import sys
 from pathlib import Path
 
+from .budget import Budget
 from .defaults import DEFAULT_METHOD
 from .errors import KVMergeError
 
@@ -27,19 +28,18 @@ DEMO_QUESTION = "What is the special magic word for water?"
 DEMO_RAW_PROMPT = "\n\nQuestion: What is the special magic word for water?\nAnswer: The special magic word for water is"
 
 
-def _budget(s: str):
+def _budget(s: str) -> Budget:
     try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"budget must be a fraction in (0, 1] or a cell count, got {s!r}") from None
-    return int(v) if v.is_integer() and v > 1 else v
+        return Budget.parse(s)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _session_args(p: argparse.ArgumentParser, doc_required: bool = True) -> None:
     p.add_argument("--model", default=None, help="GGUF path or models.txt name (default: the embedded model)")
     p.add_argument("--doc", required=doc_required, type=Path, help=".txt, .md or .pdf document")
     p.add_argument("--method", default=DEFAULT_METHOD, help="compression method (see `kvmerge-local methods`)")
-    p.add_argument("--budget", type=_budget, default=0.5, help="fraction of tokens to keep, or a cell count")
+    p.add_argument("--budget", type=_budget, default=Budget(0.5), help="fraction of tokens to keep, or a cell count")
     p.add_argument("--n-ctx", type=int, default=2048)
     p.add_argument("--kv-type", default="f16", choices=["f16", "f32", "bf16", "q8_0", "q4_0"])
     p.add_argument("--position-policy", default="auto", choices=["auto", "keep", "reindex"])

@@ -3,7 +3,7 @@
 Accepted (``SUPPORTED_ARCHS``): each has a tiny model (:mod:`kvmerge_local.testing.tiny_arch`) and must
 (1) cache exactly the post-RoPE keys the NumPy reference computes with that architecture's RoPE pairing,
 biases and Q/K norms, (2) survive a no-op compaction bit for bit, (3) re-index through the engine's path
-(``engine.compaction.compact(reindex=True)``, what ``Session`` runs with ``position_policy="reindex"``) to the
+(``DocumentCache.compact(reindex=True)`` -> ``KVBridge.compact``, what ``Session`` runs with ``position_policy="reindex"``) to the
 cache a fresh prefill of the kept tokens at their new positions gives, and to llama.cpp's own K-shift.
 Refused (``REFUSED_ARCHS``): a ModelError that names the architecture and the reason, before llama.cpp loads.
 """
@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from _bridge_util import prompt_tokens, rel_err
-from kvmerge_local.bridge import KVBridge, LlamaContext, LlamaModel, _lib, apply_plan_to_state
+from kvmerge_local.bridge import KVBridge, LlamaContext, LlamaModel, apply_plan_to_state, float_views
 from kvmerge_local.bridge import context as bctx
-from kvmerge_local.engine.compaction import CacheBook, compact, float_views
-from kvmerge_local.engine.positions import RopeParams, segment_shifts
+from kvmerge_local.bridge.rope import RopeParams, segment_shifts
+from kvmerge_local.engine.cache import DocumentCache
 from kvmerge_local.errors import ModelError
 from kvmerge_local.methods.base import plan_from_indices
 from kvmerge_local.testing import reference as ref
@@ -43,7 +43,7 @@ def arch_model(request, tiny_model_factory):
 
 
 class _Keep:
-    """A method for ``engine.compaction.compact`` that keeps the given cells (per (layer, head) or shared)."""
+    """A method for ``DocumentCache.compact`` that keeps the given cells (per (layer, head) or shared)."""
 
     def __init__(self, idx: np.ndarray):
         self.idx = idx
@@ -59,13 +59,12 @@ def _reindex_with_engine(ctx, model, keep):
     br = KVBridge(ctx)
     n = br.read().n_cells
     L, H = model.geom.n_layer, model.geom.n_kv_head
-    book = CacheBook.empty(L, H)
-    book.append(np.arange(n), np.arange(n))
+    cache = DocumentCache.for_context(ctx)
+    cache.append(np.arange(n), np.arange(n))
     m = np.shape(keep)[-1]
-    new_book, res = compact(br, _Keep(np.asarray(keep)), book, m, reindex=True, rope=RopeParams.from_model(model),
-                            evidence_on=False)
-    assert res.reindexed and res.n_after == m
-    np.testing.assert_array_equal(new_book.rope_pos, np.broadcast_to(np.arange(m), (L, H, m)))
+    res = cache.compact(br, _Keep(np.asarray(keep)), m, reindex=True, evidence_on=False)
+    assert res.reindexed and res.n_after == m and cache.n_cells == m and cache.n_reindex == 1
+    np.testing.assert_array_equal(cache.rope_pos, np.broadcast_to(np.arange(m), (L, H, m)))
     assert ctx.n_past == m
 
 
@@ -85,7 +84,7 @@ def _llama_k_shift(ctx, st, keep, next_toks):
     plan = plan_from_indices(np.broadcast_to(keep, (L, H, m)).astype(np.int32), st.pos, st.n_cells)
     KVBridge(ctx).write(apply_plan_to_state(st, plan))
     for p0, p1, d in segment_shifts(plan.cell_positions(), np.arange(m)):
-        _lib.memory_seq_add(ctx.ptr, 0, p0, p1, d)
+        KVBridge(ctx).shift_positions(p0, p1, d)
     ctx.decode(next_toks)
     return np.asarray(float_views(KVBridge(ctx).read())[0], np.float32)[:, :, :m]
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from _bridge_util import prompt_tokens, rel_err
-from kvmerge_local.bridge import KVBridge, LlamaContext, LlamaModel, _lib, apply_plan_to_state
-from kvmerge_local.engine.positions import RopeParams, rerotate_state_keys, segment_shifts
+from kvmerge_local.bridge import KVBridge, LlamaContext, LlamaModel, apply_plan_to_state, float_views
+from kvmerge_local.bridge.rope import RopeParams, rerotate_state_keys, segment_shifts
 from kvmerge_local.methods.base import plan_from_indices
 
 pytestmark = pytest.mark.llama
@@ -67,15 +67,13 @@ def _llamas(ctx, st, plan):
     ctx.clear()
     KVBridge(ctx).write(apply_plan_to_state(st, plan))
     for p0, p1, d in segment_shifts(plan.cell_positions(), np.arange(plan.m)):
-        _lib.memory_seq_add(ctx.ptr, 0, p0, p1, d)
+        KVBridge(ctx).shift_positions(p0, p1, d)
 
 
 def _keys_after_next(ctx, tok):
     logits = ctx.decode(np.array([tok], np.int32))
     assert ctx.n_past == M + 1
     st = KVBridge(ctx).read()
-    from kvmerge_local.engine.compaction import float_views
-
     return logits, np.asarray(float_views(st)[0][:, :, :M], np.float32)
 
 

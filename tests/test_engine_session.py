@@ -9,7 +9,6 @@ import pytest
 
 from kvmerge_local import Session
 from kvmerge_local.engine import DocumentError, IngestProgress, SavedCacheError, Stats
-from kvmerge_local.engine.compaction import carry_evidence
 from kvmerge_local.errors import KVMergeError
 from kvmerge_local.plan import Plan
 
@@ -46,7 +45,7 @@ def test_carry_evidence_sums_members():
                 wk=np.array([1, .5, .5, 0, 1], np.float32), wv=np.array([1, .5, .5, 1, 1], np.float32),
                 pos=np.array([[[0, 2, 3]]], np.int32))
     ev = np.array([[[1.0, 2.0, 4.0, 8.0]]], np.float32)
-    np.testing.assert_array_equal(carry_evidence(plan, ev), [[[1.0, 6.0, 8.0]]])
+    np.testing.assert_array_equal(plan.carry_evidence(ev), [[[1.0, 6.0, 8.0]]])
 
 
 def test_document_of_four_n_ctx_ingests_and_answers(session):
@@ -167,10 +166,8 @@ def test_multi_turn_drops_old_turns(model_path):
             assert s.stats.cells_in_use <= 256
         assert 1 <= len(s._turns) < 8 and s.stats.doc_cells == doc_cells
         # dropped turns leave no gaps: the chat cells sit right after the document, turn after turn
-        from kvmerge_local.bridge import _lib
-
-        pos = np.sort(_lib.seq_cells(s.ctx.ptr, 0)[1])
-        doc_end = int(s.book.rope_pos.max()) + 1
+        pos = np.sort(s.bridge.cell_positions())
+        doc_end = s.cache.end()
         chat = pos[pos >= doc_end]
         np.testing.assert_array_equal(chat, np.arange(doc_end, doc_end + len(chat)))
         assert s._turns[0][0] == doc_end and all(a[1] == b[0] for a, b in zip(s._turns, s._turns[1:]))

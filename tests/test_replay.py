@@ -201,7 +201,7 @@ def test_session_kvzip_keeps_sinks_newest_and_top_replay_scores(tiny_model_facto
     monkeypatch.setattr(session_mod, "replay_scores", spy)
     with Session.open(path, n_ctx=512, method="kvzip", budget=0.5, n_threads=1, method_params=params) as s:
         st = s.ingest(_text(90, seed=3))
-        doc = s._doc_ids.copy()
+        doc = s.cache.tokens.copy()
         N = len(doc)
         assert st.tokens_ingested == N and N < (512 - s.reserve) // 2  # one prefill decode, one compaction
         assert st.n_compactions == 1 and st.n_reindex == 0
@@ -239,7 +239,7 @@ def test_session_kvzip_replays_each_document_token_once(tiny_model_factory, monk
     with Session.open(path, n_ctx=256, method="kvzip", budget=0.5, n_threads=1,
                       method_params={"chunk_size": 32, "step": 8}) as s:
         st = s.ingest(_text(360, seed=4))
-        doc = s._doc_ids.copy()
+        doc = s.cache.tokens.copy()
         assert st.n_compactions >= 3 and len(seen) == st.n_compactions
         replayed = np.concatenate([t for t, _ in seen])
         assert np.array_equal(replayed, doc[:len(replayed)])

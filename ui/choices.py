@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvmerge_local.budget import Budget
 from kvmerge_local.defaults import DEFAULT_METHOD
 
 EMBEDDED = "embedded"
@@ -32,6 +33,9 @@ class Settings:
     budget: float = 0.5
     kv_type: str = "f16"
     n_ctx: int = 2048
+
+    def __post_init__(self) -> None:
+        Budget.parse(self.budget)  # the UI's edge: an out-of-range budget is refused with the user's message
 
     @classmethod
     def from_ui(cls, model: str | None, method: str, budget: float, kv_type: str, n_ctx: int | str) -> "Settings":

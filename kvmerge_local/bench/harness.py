@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import KVMergeError
-from ..methods import REGISTRY, Method, get_method, resolve_budget
+from ..methods import REGISTRY, Method, get_method
 from ..methods.base import Selection
 from ..methods.cam import CaM
 
@@ -253,7 +253,6 @@ def run(records: list[dict], methods: list[str], budgets: list[float], cfg: RunC
     ``method`` and ``budget`` added.  ``progress(1)`` after each run.  Sessions: one per (method, budget)."""
     rows = []
     for method, budget in configs(methods, budgets):
-        resolve_budget(budget, 1 << 20)
         t0 = time.perf_counter()
         with open_session(cfg, method, budget) as s:
             for rec in records:

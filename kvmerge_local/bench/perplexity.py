@@ -59,9 +59,8 @@ def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
 def score_suffix(session, prefix: str, suffix: str, max_suffix_tokens: int = 256) -> tuple[float, int]:
     """(sum NLL, tokens scored) of ``suffix`` after ``prefix`` was ingested into ``session`` (compressed to
     its budget).  The decoded suffix cells are removed afterwards."""
-    from ..bridge import _lib  # noqa: PLC0415
+    from ..engine.cache import TAIL_CHARS  # noqa: PLC0415
     from ..engine.chat import continue_tokens  # noqa: PLC0415
-    from ..engine.conversation import TAIL_CHARS  # noqa: PLC0415
 
     session.ingest(prefix)
     model, ctx = session.model, session.ctx
@@ -79,7 +78,7 @@ def score_suffix(session, prefix: str, suffix: str, max_suffix_tokens: int = 256
             nxt = toks[i + 1:i + 1 + len(part)]
             nll.append(_nll(lg[: len(nxt)], nxt))
     finally:
-        _lib.memory_seq_rm(ctx.ptr, 0, p0, -1)
+        session.bridge.remove_from(p0)
     v = np.concatenate(nll)
     return float(v.sum()), int(len(v))
 

@@ -24,7 +24,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..methods import Method, resolve_budget
+from ..budget import Budget
+from ..methods import Method
 from .ruler import score_all
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def prepare(session, context: str, *, need_replay: bool) -> Prepared:
     """Ingest ``context`` uncompressed and collect the evidence kinds (see the module docstring)."""
     from ..methods import H2O  # noqa: PLC0415
 
-    session.method, session.budget = H2O(), 1.0
+    session.method, session.budget = H2O(), Budget.parse(1.0)
     captured: dict[str, np.ndarray] = {}
 
     def grab(p) -> None:  # the accumulator is freed when ingest returns: read it after the last chunk
@@ -101,7 +102,7 @@ def prepare(session, context: str, *, need_replay: bool) -> Prepared:
     t0 = time.perf_counter()
     session.ingest(context, progress=grab)
     t_prefill = time.perf_counter() - t0
-    br, ctx, toks = session.bridge, session.ctx, session._doc_ids
+    br, ctx, toks = session.bridge, session.ctx, session.cache.tokens
     n = len(toks)
     ev = {"all": captured["all"], "none": None}
     w = min(SNAP_WINDOW, n - 1)
@@ -119,35 +120,32 @@ def prepare(session, context: str, *, need_replay: bool) -> Prepared:
         br.disable_evidence()
     t1 = time.perf_counter()
     if need_replay:
-        session._replayed = 0
+        session.cache.replayed = 0
         ev["reconstruct"] = session._replay_scores()
     t_replay = time.perf_counter() - t1
     st = br.read()
-    book = session.book
-    return Prepared(st, book.doc_pos.copy(), book.rope_pos.copy(), ev, n,
+    c = session.cache
+    return Prepared(st, c.doc_pos.copy(), c.rope_pos.copy(), ev, n,
                     {"prefill": t_prefill, "replay": t_replay})
 
 
 def compress(session, prep: Prepared, method: Method, budget: float) -> float:
     """Write the full cache back and compact it with ``method`` to ``budget``; returns seconds."""
-    from ..engine.compaction import CacheBook  # noqa: PLC0415
-
     session.reset_chat()
     session.bridge.write(prep.state)
     ev = prep.evidence.get(method.evidence_kind)
     if method.evidence_kind != "none" and ev is None:
         raise ValueError(f"no evidence of kind {method.evidence_kind!r} was prepared")
     L, H, N = prep.doc_pos.shape
-    session.book = CacheBook(prep.doc_pos.copy(), prep.rope_pos.copy(),
-                             np.zeros((L, H, N), np.float32) if ev is None else ev.copy())
-    session.method, session.budget = method, budget
-    session._replayed = prep.n_tokens  # scores are in the book already: nothing left to replay
-    session._doc_cells = N
+    c = session.cache
+    c.doc_pos, c.rope_pos = prep.doc_pos.copy(), prep.rope_pos.copy()
+    c.evidence = np.zeros((L, H, N), np.float32) if ev is None else ev.copy()
+    session.method, session.budget = method, Budget.parse(budget)
+    c.replayed = prep.n_tokens  # scores are in the cache already: nothing left to replay
     t0 = time.perf_counter()
-    m = resolve_budget(budget, N)
+    m = session.budget.cells(N)
     if m < N:
         session._compact_to(m, 0, False)
-    session._doc_cells = session.book.n
     return time.perf_counter() - t0
 
 
@@ -159,7 +157,7 @@ def run_document(session, rec: dict, configs: list[tuple[str, Method, float]], c
     rows = []
     for name, method, budget in configs:
         t_c = compress(session, prep, method, budget)
-        cells = session.book.n
+        cells = session.cache.n_cells
         for qi, q in enumerate(rec["questions"]):
             t0 = time.perf_counter()
             out = ask(session, q, cfg)

@@ -3,12 +3,16 @@
     bridge = KVBridge(ctx)
     st = bridge.read()                          # KVState: k4/v4 [n_layer, n_kv_head, N, head_dim] views
     ev = bridge.evidence(st)                    # float32[n_layer, n_kv_head, N] (patched llama.cpp)
+    k, v = float_views(st)                      # what the methods plan on
     new = bridge.compact(plan, st)              # writes the compacted cache; on failure restores st
+    new = bridge.compact(plan, st, key_pos=rope_pos, reindex=True)   # ... and renumbers slots 0..m-1
 
-Compaction builds a fresh blob of ``m`` cells and fills it in place: float caches go through the Numba
-apply kernel directly on the blob views (f16 as bit patterns, no whole-cache conversion); quantized
-caches (q8_0, q4_0; stored Hadamard-rotated, which merging does not need to undo because the rotation
-is orthonormal and merges are linear) are dequantized, merged in float32 and requantized, with copy
+:meth:`KVBridge.compact` is the one compaction path (product, benchmarks and tests): apply the plan to a
+fresh blob, re-rotate keys when positions are re-indexed (:mod:`.rope`), write it, and write the original
+back if llama.cpp refuses the result.  Applying fills the fresh blob of ``m`` cells in place: float caches go
+through the Numba apply kernel directly on the blob views (f16 as bit patterns, no whole-cache conversion);
+quantized caches (q8_0, q4_0; stored Hadamard-rotated, which merging does not need to undo because the
+rotation is orthonormal and merges are linear) are dequantized, merged in float32 and requantized, with copy
 slots moved as raw blocks so they stay bit-identical.
 """
 from __future__ import annotations
@@ -22,6 +26,7 @@ from ..errors import KVMergeError
 from ..plan import Plan
 from . import _lib
 from .context import LlamaContext
+from .rope import RopeParams, rerotate_state_keys
 from .state import KVState, new_state, parse_state
 
 log = logging.getLogger(__name__)
@@ -108,6 +113,7 @@ class KVBridge:
         self.reuse_buffers = reuse_buffers
         self._read_buf: np.ndarray | None = None
         self._out_buf: np.ndarray | None = None
+        self._rope: RopeParams | None = None
         self.timings: dict[str, float] = {}
 
     # --- state ---------------------------------------------------------------------------------------
@@ -138,33 +144,82 @@ class KVBridge:
             self.write(old)
             raise
 
-    def compact(self, plan: Plan, st: KVState | None = None) -> KVState:
-        """Apply ``plan`` to the cache (read now unless ``st`` is given) and write the result back.
+    def compact(self, plan: Plan, st: KVState | None = None, *, key_pos: np.ndarray | None = None,
+                reindex: bool = False, rope: RopeParams | None = None) -> KVState:
+        """Apply ``plan`` to the cache (read now unless ``st`` is given), write the result; the new state.
 
-        A bad plan or a kernel error raises before the context is touched; if llama.cpp refuses the
-        compacted blob, ``st`` is written back before the exception propagates (:meth:`replace`).
+        ``key_pos``: int32[n_layer, n_kv_head, m], the RoPE position each slot's key is rotated to now
+        (its pivot's; default ``plan.pos``): the cells get ``max`` over heads as their position.  With
+        ``reindex`` the slots are renumbered ``0..m-1`` and every head's key is re-rotated by its own delta
+        (``rope``: default the model's, :meth:`RopeParams.from_model`).  An identity plan that moves no
+        position writes nothing and returns ``st``.  A bad plan or a kernel error raises before the context
+        is touched; if llama.cpp refuses the compacted blob, ``st`` is written back before the exception
+        propagates (:meth:`replace`).
         """
         st = self.read() if st is None else st
         t0 = time.perf_counter()
         plan.validate()
+        kp = plan.pos if key_pos is None else np.ascontiguousarray(key_pos, dtype=np.int32)
+        if kp.shape != plan.pos.shape:
+            raise ValueError(f"key_pos shape {kp.shape} != the plan's {plan.pos.shape}")
+        target = np.arange(plan.m, dtype=np.int32)
+        if plan.is_identity() and not (reindex and np.any(kp != target)) and np.array_equal(
+                plan.cell_positions() if key_pos is None else kp.max(axis=(0, 1)), st.pos):
+            self.timings["apply"] = time.perf_counter() - t0
+            log.info("compaction of %d cells is the identity: nothing written", st.n_cells)
+            return st
+        wplan = plan if key_pos is None else Plan(plan.n_in, plan.offsets, plan.src, plan.wk, plan.wv, kp)
+        wplan.validate()
         out = None
         if self.reuse_buffers:
             if self._out_buf is None or self._out_buf.nbytes < st.blob.nbytes:
                 self._out_buf = np.empty(st.blob.nbytes, np.uint8)  # m <= N cells always fit
             out = None if np.shares_memory(self._out_buf, st.blob) else self._out_buf
-        new = apply_plan_to_state(st, plan, out)
+        new = apply_plan_to_state(st, wplan, out)
+        if reindex:
+            rerotate_state_keys(new, target[None, None, :] - kp, rope or self.rope)
+            new.pos[:] = target
         self.timings["apply"] = time.perf_counter() - t0
         self.replace(new, st)
         return new
+
+    @property
+    def rope(self) -> RopeParams:
+        """The model's RoPE parameters (read from its GGUF once)."""
+        if self._rope is None:
+            self._rope = RopeParams.from_model(self.ctx.model)
+        return self._rope
+
+    def read_prefix(self, n: int) -> KVState:
+        """A state of only the first ``n`` cells of the sequence (blob order), e.g. the document before chat
+        turns; the context is not changed."""
+        st = self.read()
+        if st.n_cells < n:
+            raise KVMergeError(f"the cache holds {st.n_cells} cells, fewer than {n}")
+        if st.n_cells == n:
+            return st
+        out = new_state(st, n, st.pos[:n])
+        out.k4[...] = st.k4[:, :, :n]
+        out.v4[...] = st.v4[:, :, :n]
+        return out
 
     def cell_positions(self) -> np.ndarray:
         """int32[N]: the position of each of the sequence's cells, in blob order."""
         return np.asarray(_lib.seq_cells(self.ctx.ptr, self.seq_id)[1], np.int32)
 
-    def remove_from(self, p0: int) -> None:
-        """Remove every cell of the sequence at position ``>= p0`` (llama.cpp's ``seq_rm``)."""
-        if not _lib.memory_seq_rm(self.ctx.ptr, self.seq_id, int(p0), -1):
+    def n_cells(self) -> int:
+        """Cells the sequence holds now."""
+        return len(_lib.seq_cells(self.ctx.ptr, self.seq_id)[0])
+
+    def remove_from(self, p0: int, p1: int = -1) -> None:
+        """Remove the sequence's cells at positions in ``[p0, p1)`` (``p1 < 0``: to the end; ``seq_rm``)."""
+        if not _lib.memory_seq_rm(self.ctx.ptr, self.seq_id, int(p0), int(p1)):
             raise KVMergeError(f"llama.cpp refused to remove the cells from position {p0}")
+
+    def shift_positions(self, p0: int, p1: int, delta: int) -> None:
+        """Move the cells at positions in ``[p0, p1)`` (``p1 < 0``: to the end) by ``delta`` with llama.cpp's
+        own ``seq_add`` (keys re-rotated at the next decode; every head of a cell moves alike)."""
+        _lib.memory_seq_add(self.ctx.ptr, self.seq_id, int(p0), int(p1), int(delta))
 
     # --- evidence ------------------------------------------------------------------------------------
     def enable_evidence(self, window: int) -> None:

@@ -65,6 +65,10 @@ class KVGeometry:
     def n_embd_kv(self) -> int:
         return self.n_kv_head * self.head_dim
 
+    def bytes_per_cell(self, k_type: int, v_type: int) -> int:
+        """Bytes one cell takes in every layer's K and V rows of ggml types ``k_type``/``v_type``."""
+        return self.n_layer * (row_bytes(k_type, self.n_embd_kv) + row_bytes(v_type, self.n_embd_kv))
+
 
 class KVState:
     """One sequence's KV cache as views into a state blob (``uint8[n_bytes]``, owned or borrowed).
@@ -276,3 +280,30 @@ def new_state(like: KVState, n_cells: int, pos: np.ndarray | None = None, out: n
         else:
             b[o + 4:o + 12].view(np.uint64)[0] = like.v_row_bytes
     return KVState(b, g, like.seq_id, N, like.k_type, like.v_type, like.v_trans, 16, k_off, v_off)
+
+
+def float_views(st: KVState) -> tuple[np.ndarray, np.ndarray]:
+    """K and V as arrays the methods accept: ``[n_layer, n_kv_head, N, head_dim]`` float16/float32.
+
+    f16/f32 caches: the state's own views (no copy).  bf16 and quantized K is converted layer by layer
+    into one float16 array (quantized keys stay in their Hadamard-rotated basis: cosines, distances and
+    weighted sums do not change under an orthonormal rotation).  The planners read values only for their
+    shape, so a bf16/quantized V is passed as a zero-stride float16 view instead of being converted.
+    """
+    from .. import codec  # noqa: PLC0415 - Numba compiles on first use
+
+    L, H, N = st.geom.n_layer, st.geom.n_kv_head, st.n_cells
+    d = st.geom.head_dim
+
+    def convert(a: np.ndarray, t: int) -> np.ndarray:
+        out = np.empty((L, H, N, d), np.float16)
+        for l in range(L):
+            if a.dtype == np.uint16:
+                out[l] = (a[l].astype(np.uint32) << 16).view(np.float32)
+            else:
+                out[l] = codec.dequantize_rows(np.ascontiguousarray(a[l]).reshape(H * N, -1), t).reshape(H, N, d)
+        return out
+
+    k = st.k4 if st.k4.dtype in (np.float16, np.float32) else convert(st.k4, st.k_type)
+    v = st.v4 if st.v4.dtype in (np.float16, np.float32) else np.broadcast_to(np.zeros(1, np.float16), (L, H, N, d))
+    return k, v

@@ -29,14 +29,12 @@ import time
 
 import numpy as np
 
-from ..bridge import _lib
 from ..errors import KVMergeError
+from .cache import TAIL_CHARS
 from .chat import StopFilter, continue_tokens
 from .templates import DOC, Q1, Q2, TemplateFormat
 
 log = logging.getLogger(__name__)
-
-TAIL_CHARS = 256
 
 
 class Conversation:
@@ -69,16 +67,16 @@ class Conversation:
             text = (q if raw else self._template_text(q)) + prefix
             sp = not raw and fmt.special
             pre = [t for t in self._pending if not self._is_end(t)] if self._turns else []
-            tail, last = (self._chat_tail, self._chat_last) if self._turns else (self._doc_tail, self._doc_last)
-            if tail or self._doc_cells:
+            tail, last = (self._chat_tail, self._chat_last) if self._turns else (self.cache.tail, self.cache.last_id)
+            if tail or self.cache.n_cells:
                 body = continue_tokens(m, tail, last, text, special=sp)
             else:
                 body = m.tokenize(text, add_bos=fmt.add_bos if sp else True, special=sp)
             return np.concatenate([np.asarray(pre, np.int32), body]).astype(np.int32), text
         if not self._turns:
-            if self._doc_cells:
+            if self.cache.n_cells:
                 text = fmt.first.format(q=q) + prefix
-                return continue_tokens(m, self._doc_tail, self._doc_last, text), text
+                return continue_tokens(m, self.cache.tail, self.cache.last_id, text), text
             text = fmt.solo.format(q=q) + prefix
             return m.tokenize(text, add_bos=True), text
         pre = [t for t in self._pending if not (fmt.turn_seam and self._is_end(t))]
@@ -93,7 +91,7 @@ class Conversation:
 
     def _template_text(self, q: str) -> str:
         """Text of a template turn: the rendered conversation ending in ``q`` after the cached text."""
-        fmt, doc = self.fmt, bool(self._doc_cells)
+        fmt, doc = self.fmt, bool(self.cache.n_cells)
         turns = self._tpl_turns if len(self._tpl_turns) == len(self._turns) else []
         why = "a raw turn or a dropped turn precedes" if len(turns) != len(self._turns) else ""
         cached = "".join(t[3] for t in turns)
@@ -117,18 +115,14 @@ class Conversation:
         return fmt.first.replace(Q1, q) if doc else fmt.solo.replace(Q1, q)
 
     # --- room ------------------------------------------------------------------------------------------
-    def _cells_in_use(self) -> int:
-        return len(_lib.seq_cells(self.ctx.ptr, 0)[0])
-
     def _drop_turn(self, i: int) -> None:
         """Remove turn ``i``'s cells and close the gap (later turns move down with seq_add)."""
         p0, p1 = self._turns[i]
-        ptr = self.ctx.ptr
         if i == len(self._turns) - 1 or len(self._turns) == 1:
-            _lib.memory_seq_rm(ptr, 0, p0, -1)
+            self.bridge.remove_from(p0)
         else:
-            _lib.memory_seq_rm(ptr, 0, p0, p1)
-            _lib.memory_seq_add(ptr, 0, p1, -1, -(p1 - p0))
+            self.bridge.remove_from(p0, p1)
+            self.bridge.shift_positions(p1, -1, -(p1 - p0))
         d = p1 - p0
         if len(self._tpl_turns) == len(self._turns):
             self._tpl_turns.pop(i)
@@ -143,13 +137,13 @@ class Conversation:
             toks, text = self._question(q, raw, prefix)
             if len(toks) == 0:
                 raise ValueError("the question adds no tokens")
-            free = self.ctx.n_ctx - self._cells_in_use()
+            free = self.ctx.n_ctx - self.bridge.n_cells()
             if len(toks) + max_new <= free:
                 return toks, text, max_new
             if not self._turns:
                 if len(toks) + 1 > free:
                     raise ValueError(f"the question needs {len(toks)} cells but only {free} are free "
-                                     f"(n_ctx {self.ctx.n_ctx}, document {self._doc_cells} cells); "
+                                     f"(n_ctx {self.ctx.n_ctx}, document {self.cache.n_cells} cells); "
                                      "ask a shorter question, use a larger n_ctx or a smaller budget")
                 log.warning("answer limited to %d tokens (context full)", free - len(toks))
                 return toks, text, free - len(toks)
@@ -194,14 +188,14 @@ class Conversation:
         try:
             return self._decode_tokens(toks)
         finally:
-            _lib.memory_seq_rm(self.ctx.ptr, 0, p0, -1)
+            self.bridge.remove_from(p0)
 
     def reset_chat(self) -> None:
         """Forget every chat turn; the document cache stays."""
         self._check_open()
         self._close_active()
         if self._turns:
-            _lib.memory_seq_rm(self.ctx.ptr, 0, self._turns[0][0], -1)
+            self.bridge.remove_from(self._turns[0][0])
         self._turns, self._pending, self._chat_tail, self._chat_last = [], [], "", None
         self._tpl_turns = []
 
@@ -245,7 +239,7 @@ class Conversation:
             self._tpl_turns = base + [(None if raw else q, filt.text, answer, text + answer)]
             self._turns.append((p_start, self.ctx.n_past))
             self._pending = [undecoded] if undecoded is not None else []
-            self._chat_tail = ((self._chat_tail or self._doc_tail) + text + answer)[-TAIL_CHARS:]
+            self._chat_tail = ((self._chat_tail or self.cache.tail) + text + answer)[-TAIL_CHARS:]
             keep = undecoded is not None and not self._is_end(undecoded)
             self._chat_last = undecoded if keep else last_decoded
             self._t_decode += time.perf_counter() - t0
@@ -277,7 +271,7 @@ class Conversation:
             commit()
             raise
         except BaseException:
-            _lib.memory_seq_rm(self.ctx.ptr, 0, p_start, -1)
+            self.bridge.remove_from(p_start)
             self._turns, self._pending, self._chat_tail, self._chat_last = saved
             self._tpl_turns = tpl_saved
             self._active = None

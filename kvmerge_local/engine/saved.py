@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,35 +38,28 @@ class SavedCacheError(KVMergeError, ValueError):
     """A saved document cache that cannot be loaded (corrupt, foreign, or made for another model)."""
 
 
-@dataclass
-class SavedCache:
-    """A saved document cache in memory: ``meta`` (the JSON header) and its arrays."""
-
-    meta: dict
-    blob: np.ndarray
-    doc_pos: np.ndarray
-    rope_pos: np.ndarray
-    evidence: np.ndarray
-
-    def __post_init__(self) -> None:
-        if self.blob.dtype != np.uint8 or self.blob.ndim != 1:
-            raise ValueError("blob must be uint8[n]")
-        if self.doc_pos.ndim != 3 or self.doc_pos.shape != self.rope_pos.shape or \
-                self.doc_pos.shape != self.evidence.shape:
-            raise ValueError("doc_pos, rope_pos and evidence must share one [L, H, N] shape")
+def _check_arrays(arrays: dict[str, np.ndarray]) -> None:
+    blob = arrays["blob"]
+    if blob.dtype != np.uint8 or blob.ndim != 1:
+        raise ValueError("blob must be uint8[n]")
+    shapes = {arrays[n].shape for n in _ARRAYS[1:]}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 3:
+        raise ValueError("doc_pos, rope_pos and evidence must share one [L, H, N] shape")
 
 
-def write_saved(path: str | os.PathLike, cache: SavedCache) -> Path:
-    """Write ``cache`` to ``path`` atomically (a temp file renamed into place); returns the path."""
+def write_saved(path: str | os.PathLike, meta: dict, arrays: dict[str, np.ndarray]) -> Path:
+    """Write the header ``meta`` and ``arrays`` (``blob``, ``doc_pos``, ``rope_pos``, ``evidence``) to ``path``
+    atomically (a temp file renamed into place); returns the path."""
     p = Path(path)
-    arrays = {name: np.ascontiguousarray(getattr(cache, name)) for name in _ARRAYS}
+    _check_arrays(arrays)
+    arrays = {name: np.ascontiguousarray(arrays[name]) for name in _ARRAYS}
     table, off = {}, 0
     h = hashlib.sha256()
     for name, a in arrays.items():
         table[name] = [off, int(a.nbytes), a.dtype.str, list(a.shape)]
         off += a.nbytes
         h.update(memoryview(a).cast("B"))
-    meta = dict(cache.meta, format_version=FORMAT_VERSION, arrays=table, payload_sha256=h.hexdigest())
+    meta = dict(meta, format_version=FORMAT_VERSION, arrays=table, payload_sha256=h.hexdigest())
     header = json.dumps(meta, sort_keys=True).encode("utf-8")
     tmp = p.with_name(p.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -111,8 +103,8 @@ def read_header(path: str | os.PathLike) -> dict:
     return meta
 
 
-def read_saved(path: str | os.PathLike) -> SavedCache:
-    """Read and verify a saved cache (magic, version, payload sha256, array table)."""
+def read_saved(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
+    """Read and verify a saved cache (magic, version, payload sha256, array table): (header, arrays)."""
     p = Path(path)
     meta = read_header(p)
     start = meta.pop("_payload_offset")
@@ -127,7 +119,8 @@ def read_saved(path: str | os.PathLike) -> SavedCache:
             if a.nbytes != nbytes:
                 raise SavedCacheError(f"{p.name} is truncated (array {name})")
             out[name] = a.view(np.dtype(dt)).reshape(shape)
-        return SavedCache(meta=meta, **out)
+        _check_arrays(out)
+        return meta, out
     except SavedCacheError:
         raise
     except (KeyError, TypeError, ValueError) as exc:

@@ -23,17 +23,18 @@ import time
 
 import numpy as np
 
-from ..bridge import KV_TYPES, KVBridge, LlamaContext, LlamaModel
-from ..bridge.state import row_bytes
+from pathlib import Path
+
+from ..bridge import KVBridge, LlamaContext, LlamaModel
+from ..budget import Budget
 from ..errors import KVMergeError
-from ..methods import DEFAULT_METHOD, Full, Method, get_method, resolve_budget
+from ..methods import DEFAULT_METHOD, Full, Method, get_method
+from .cache import TAIL_CHARS, DocumentCache
 from .chat import FORMAT_NAMES, detect_format
-from .compaction import CacheBook, compact
-from .conversation import TAIL_CHARS, Conversation
+from .conversation import Conversation
 from .documents import load_document, page_token_spans
-from .persist import Persistence
-from .positions import RopeParams
 from .replay import FIRST_PROMPT, LATER_PROMPT, replay_scores
+from .saved import SavedCacheError, read_header
 from .stats import IngestProgress, Stats
 
 log = logging.getLogger(__name__)
@@ -45,25 +46,24 @@ def _reserve(n_ctx: int) -> int:
     return max(16, min(512, n_ctx // 4))
 
 
-class Session(Conversation, Persistence):
-    """See the module docstring.  Create with :meth:`open` (or :meth:`load`)."""
+class Session(Conversation):
+    """See the module docstring.  Create with :meth:`open` (or :meth:`load`).
 
-    def __init__(self, model: LlamaModel, ctx: LlamaContext, *, method: Method, method_name: str, budget,
+    ``cache`` (:class:`~.cache.DocumentCache`) is the compressed document: its cells' positions and evidence,
+    its metadata, its size (``cache.nbytes``); chat turns (:class:`~.conversation.Conversation`) follow it."""
+
+    def __init__(self, model: LlamaModel, ctx: LlamaContext, *, method: Method, method_name: str, budget: Budget,
                  position_policy: str, seed: int, method_params: dict, chat_format: str | None,
                  model_label: str, flash_attn: bool) -> None:
         self.model, self.ctx = model, ctx
         self.bridge = KVBridge(ctx)
-        self.method, self.method_name, self.budget = method, method_name, budget
+        self.method, self.method_name, self.budget = method, method_name, Budget.parse(budget)
         self.method_params = dict(method_params)
         self.position_policy, self.seed = position_policy, int(seed)
         self.fmt = detect_format(model, chat_format)
         self.model_label, self.flash_attn = model_label, flash_attn
         self.reserve = _reserve(ctx.n_ctx)
         self._rng = np.random.default_rng(self.seed)
-        self._rope: RopeParams | None = None
-        g = model.geom
-        self.bytes_per_cell = g.n_layer * (row_bytes(KV_TYPES[ctx.kv_type], g.n_embd_kv)
-                                           + row_bytes(KV_TYPES[ctx.type_v], g.n_embd_kv))
         self._closed = False
         self._init_doc()
         self._init_chat()
@@ -72,11 +72,12 @@ class Session(Conversation, Persistence):
     @classmethod
     def open(cls, model: str | os.PathLike | None = None, *, n_ctx: int = 2048, n_gpu_layers: int = 0,
              kv_type: str = "f16", flash_attn: bool = True, n_threads: int | None = None,
-             method: str | Method = DEFAULT_METHOD, budget: float | int = 0.5, position_policy: str = "auto",
+             method: str | Method = DEFAULT_METHOD, budget: Budget | float | int | str = 0.5, position_policy: str = "auto",
              seed: int = 0, method_params: dict | None = None, chat_format: str | None = None) -> Session:
         """Open ``model`` (a GGUF path, a ``models.txt`` name, or None for the embedded default).
 
-        ``budget``: fraction in (0, 1] of the document's tokens to keep, or an int cell count;
+        ``budget``: fraction in (0, 1] of the document's tokens to keep, or an int cell count (see
+        :class:`~kvmerge_local.budget.Budget`);
         ``method``: a name from ``kvmerge-local methods`` (``method_params`` override its parameters);
         ``chat_format``: "gguf" (the model's own chat template), "llama2", "mistral" or "raw" (default: the
         template when the GGUF has one, else detected from the model's name).
@@ -85,7 +86,7 @@ class Session(Conversation, Persistence):
 
         if position_policy not in POSITION_POLICIES:
             raise ValueError(f"position_policy must be one of {POSITION_POLICIES}, got {position_policy!r}")
-        resolve_budget(budget, 1 << 20)  # validates type and range
+        budget = Budget.parse(budget)
         params = dict(method_params or {})
         if isinstance(method, Method):
             meth, name = method, getattr(method, "name", type(method).__name__)
@@ -115,23 +116,13 @@ class Session(Conversation, Persistence):
         return s
 
     def _init_doc(self) -> None:
-        g = self.model.geom
-        self.book = CacheBook.empty(g.n_layer, g.n_kv_head)
-        self._doc_cells = 0
-        self._doc_tokens = 0
-        self._doc_ids, self._replayed = np.zeros(0, np.int32), 0
-        self._doc_tail, self._doc_last = "", None
-        self._doc_name, self._doc_sha = "", ""
-        self._pages: list[tuple[int, int, int]] = []
-        self._t_prefill = self._t_compact = self._t_decode = 0.0
-        self._n_compactions = self._n_reindex = self._tokens_generated = 0
+        self.cache = DocumentCache.for_context(self.ctx)
+        self._t_decode, self._tokens_generated = 0.0, 0
 
     # --- properties ------------------------------------------------------------------------------------
     @property
-    def rope(self) -> RopeParams:
-        if self._rope is None:
-            self._rope = RopeParams.from_model(self.model)
-        return self._rope
+    def bytes_per_cell(self) -> int:
+        return self.cache.bytes_per_cell
 
     @property
     def n_ctx_train(self) -> int:
@@ -140,26 +131,27 @@ class Session(Conversation, Persistence):
     @property
     def pages(self) -> list[tuple[int, int, int]]:
         """(page_number, first_token, last_token) of the ingested document (empty for plain text)."""
-        return list(self._pages)
+        return list(self.cache.pages)
 
     @property
     def stats(self) -> Stats:
-        cells = self._cells_in_use() if not self._closed else 0
-        chat = max(0, cells - self._doc_cells)
-        full = self.bytes_per_cell * (self._doc_tokens + chat)
-        now = self.bytes_per_cell * cells
-        return Stats(tokens_ingested=self._doc_tokens, cells_in_use=cells, n_ctx=self.ctx.n_ctx,
+        c = self.cache
+        cells = self.bridge.n_cells() if not self._closed else 0
+        chat = max(0, cells - c.n_cells)
+        full = c.bytes_per_cell * (c.n_tokens + chat)
+        now = c.bytes_per_cell * cells
+        return Stats(tokens_ingested=c.n_tokens, cells_in_use=cells, n_ctx=self.ctx.n_ctx,
                      kv_bytes_full=full, kv_bytes_now=now, ratio=(now / full) if full else 1.0,
-                     t_prefill=self._t_prefill, t_compact=self._t_compact, t_decode=self._t_decode,
-                     method=self.method_name, budget=self.budget, n_compactions=self._n_compactions,
-                     n_reindex=self._n_reindex, doc_cells=self._doc_cells, chat_cells=chat,
+                     t_prefill=c.t_prefill, t_compact=c.t_compact, t_decode=self._t_decode,
+                     method=self.method_name, budget=self.budget.value, n_compactions=c.n_compactions,
+                     n_reindex=c.n_reindex, doc_cells=c.n_cells, chat_cells=chat,
                      tokens_generated=self._tokens_generated, position_policy=self.position_policy,
-                     kv_type=self.ctx.kv_type, n_ctx_train=self.n_ctx_train, bytes_per_cell=self.bytes_per_cell,
-                     model=self.model_label, document=self._doc_name)
+                     kv_type=self.ctx.kv_type, n_ctx_train=self.n_ctx_train, bytes_per_cell=c.bytes_per_cell,
+                     model=self.model_label, document=c.name)
 
     def kept_positions(self) -> np.ndarray:
         """int32[n_layer, n_kv_head, cells]: the document token each cell holds (pivot for merged cells)."""
-        return self.book.doc_pos.copy()
+        return self.cache.doc_pos.copy()
 
     # --- ingest ----------------------------------------------------------------------------------------
     def _evidence_window(self) -> int | None:
@@ -167,7 +159,7 @@ class Session(Conversation, Persistence):
         return {"none": None, "window": int(self.method.window), "all": 0, "last": 1}.get(kind)
 
     def _target(self, tokens: int, cap: int) -> int:
-        m = resolve_budget(self.budget, max(1, tokens))
+        m = self.budget.cells(max(1, tokens))
         return max(1, min(m, cap))
 
     def ingest(self, document, *, progress=None) -> Stats:
@@ -194,7 +186,7 @@ class Session(Conversation, Persistence):
                              "pick a compressing method or a larger n_ctx")
         self._close_active()
         self._reset_cache()
-        self._doc_ids, self._replayed = np.asarray(toks, np.int32), 0
+        self.cache.tokens = np.asarray(toks, np.int32)
         win = self._evidence_window()
         try:
             if win is not None:
@@ -208,12 +200,11 @@ class Session(Conversation, Persistence):
         finally:
             if win is not None and not self._closed:
                 self.bridge.disable_evidence()
-        self._doc_cells = self.book.n
-        self._doc_tokens = n
+        c = self.cache
         text = head + doc.text
-        self._doc_tail, self._doc_last = text[-TAIL_CHARS:], int(toks[-1])
-        self._doc_name, self._doc_sha = doc.name, doc.sha256
-        self._pages = page_token_spans(self.model, body, len(head.encode("utf-8")), doc.text, doc.pages,
+        c.tail, c.last_id = text[-TAIL_CHARS:], int(toks[-1])
+        c.name, c.sha256 = doc.name, doc.sha256
+        c.pages = page_token_spans(self.model, body, len(head.encode("utf-8")), doc.text, doc.pages,
                                        first_token=n_bos)
         st = self.stats
         log.info("ingested %s: %s", doc.name, st.summary())
@@ -227,13 +218,13 @@ class Session(Conversation, Persistence):
 
         def report(done: int, phase: str) -> None:
             if progress is not None:
-                progress(IngestProgress(done, n, phase, self.book.n, self._n_compactions,
+                progress(IngestProgress(done, n, phase, self.cache.n_cells, self.cache.n_compactions,
                                         time.perf_counter() - t_start))
 
         i = 0
         while i < n:
             part = toks[i:i + chunk]
-            if self.book.n + len(part) > cap:
+            if self.cache.n_cells + len(part) > cap:
                 self._compact_to(self._target(i, cap - len(part)), len(part), ev_on)
                 report(i, "compact")
             t0 = time.perf_counter()
@@ -241,12 +232,13 @@ class Session(Conversation, Persistence):
             if ev_on and self.method.evidence_kind == "window":
                 self.bridge.reset_evidence()  # the observation window is the last queries before a compaction
             self.ctx.decode(part, logits="none")
-            self._t_prefill += time.perf_counter() - t0
-            self.book.append(np.arange(i, i + len(part)), np.arange(p0, p0 + len(part)))
+            self.cache.t_prefill += time.perf_counter() - t0
+            self.cache.append(np.arange(i, i + len(part)), np.arange(p0, p0 + len(part)))
             i += len(part)
+            self.cache.n_tokens = i
             report(i, "prefill")
         final = self._target(n, cap)
-        if self.book.n > final:
+        if self.cache.n_cells > final:
             self._compact_to(final, 0, ev_on)
             report(n, "compact")
         if self.ctx.n_past + self.reserve > self.n_ctx_train:
@@ -265,25 +257,22 @@ class Session(Conversation, Persistence):
             reindex = self.ctx.n_past + upcoming + self.reserve > self.n_ctx_train
         if self.method.evidence_kind == "reconstruct":
             ev_on = False
-            if self._replayed <= int(self.book.doc_pos.max()):  # tokens not replayed yet
-                self.book.evidence = np.maximum(self.book.evidence, self._replay_scores())
-        self.book, res = compact(self.bridge, self.method, self.book, m, reindex=reindex,
-                                 rope=self.rope if reindex else None, evidence_on=ev_on)
-        self._t_compact += res.seconds
-        self._n_compactions += 1
-        self._n_reindex += int(res.reindexed)
+            if self.cache.replayed <= int(self.cache.doc_pos.max()):  # tokens not replayed yet
+                self.cache.evidence = np.maximum(self.cache.evidence, self._replay_scores())
+        self.cache.compact(self.bridge, self.method, m, reindex=reindex, evidence_on=ev_on)
 
     def _replay_scores(self) -> np.ndarray:
         """float32[L, H, N]: KVzip scores of the cells now cached, from replaying the document tokens not
         replayed yet (each token is replayed once; earlier cells keep the larger of old and new scores)."""
-        hi = int(self.book.doc_pos.max()) + 1
-        toks = self._doc_ids[self._replayed:hi]
+        c = self.cache
+        hi = int(c.doc_pos.max()) + 1
+        toks = c.tokens[c.replayed:hi]
         t0 = time.perf_counter()
         first, later = (self._replay_prompt(p) for p in (FIRST_PROMPT, LATER_PROMPT))
         scores = replay_scores(self.bridge, toks, first, later, chunk_size=int(getattr(self.method, "chunk_size", 512)),
                                step=int(getattr(self.method, "step", 16)))
-        self._replayed = hi
-        self._t_compact += time.perf_counter() - t0
+        c.replayed = hi
+        c.t_compact += time.perf_counter() - t0
         return scores
 
     def _replay_prompt(self, instruction: str) -> np.ndarray:
@@ -295,10 +284,97 @@ class Session(Conversation, Persistence):
         text = fmt.first.replace(Q1, instruction) if isinstance(fmt, TemplateFormat) else fmt.first.format(q=instruction)
         return self.model.tokenize(text, add_bos=False, special=bool(getattr(fmt, "special", False)))
 
+    # --- save and load --------------------------------------------------------------------------------
+    def model_sha256(self) -> str:
+        from ..models import file_sha256  # noqa: PLC0415
+
+        return file_sha256(self.model.path)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the document cache (its cells only: chat turns are not saved) to ``path``; returns the path."""
+        self._check_open()
+        c = self.cache
+        if not c.n_cells:
+            raise KVMergeError("nothing to save: ingest a document first")
+        self._close_active()
+        st = self.bridge.read_prefix(c.n_cells)
+        if not np.array_equal(st.pos, c.rope_pos.max(axis=(0, 1))):
+            raise KVMergeError("the cache does not start with the document's cells; ingest again")
+        g = self.model.geom
+        meta = {
+            "model": {"sha256": self.model_sha256(), "name": self.model.info.get("name", ""),
+                      "file": self.model.path.name, "path": str(self.model.path.resolve()), "label": self.model_label},
+            "geometry": [g.n_layer, g.n_kv_head, g.head_dim],
+            "method": self.method_name, "method_params": self.method_params, "budget": self.budget.value,
+            "position_policy": self.position_policy, "chat_format": self.fmt.name,
+            "n_ctx": self.ctx.n_ctx, "kv_type": self.ctx.kv_type, "flash_attn": bool(self.flash_attn),
+            "stats": self.stats.as_dict(),
+        }
+        return c.save(path, st, meta)
+
+    def restore(self, path: str | os.PathLike) -> None:
+        """Replace this session's document with the saved cache at ``path`` (chat turns are dropped).
+
+        Raises :class:`SavedCacheError` for a corrupt or foreign file, before anything changes.
+        """
+        self._check_open()
+        p = Path(path)
+        cache, st, meta = DocumentCache.load(p, self.model.geom, model_sha256=self.model_sha256(),
+                                             model_label=self.model_label)
+        if (cache.k_type, cache.v_type, st.v_trans) != (self.cache.k_type, self.cache.v_type, not self.flash_attn):
+            raise SavedCacheError(f"{p.name} was saved with kv_type={meta.get('kv_type')}, "
+                                  f"flash_attn={meta.get('flash_attn')}; this session has kv_type={self.ctx.kv_type}, "
+                                  f"flash_attn={self.flash_attn} (open it with Session.load to match)")
+        if st.n_cells > self.ctx.n_ctx - self.reserve:
+            raise SavedCacheError(f"{p.name} holds {st.n_cells} cells; this session (n_ctx {self.ctx.n_ctx}) has room "
+                                  f"for {self.ctx.n_ctx - self.reserve}: open it with n_ctx >= "
+                                  f"{st.n_cells + self.reserve}")
+        self._close_active()
+        old = self.bridge.read() if self.bridge.n_cells() else None
+        self.ctx.clear()
+        try:
+            self.bridge.write(st)
+        except BaseException as exc:
+            self.ctx.clear()
+            if old is not None:
+                self.bridge.write(old)
+            raise SavedCacheError(f"llama.cpp refused the cache in {p.name}: {exc}") from exc
+        self._init_doc()
+        self._init_chat()
+        self.cache = cache
+        log.info("restored %s: %d cells of %s", p.name, st.n_cells, cache.name)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: str | os.PathLike | None = None, **open_kwargs) -> Session:
+        """Open a session for the saved cache at ``path``: the model recorded in the file (unless given),
+        with the file's n_ctx, cache type, flash attention, method and budget (``open_kwargs`` override)."""
+        meta = read_header(path)
+        kw = {"n_ctx": meta.get("n_ctx", 2048), "kv_type": meta.get("kv_type", "f16"),
+              "flash_attn": meta.get("flash_attn", True), "method": meta.get("method", "kvmerger"),
+              "budget": meta.get("budget", 0.5), "position_policy": meta.get("position_policy", "auto"),
+              "method_params": meta.get("method_params") or None, "chat_format": meta.get("chat_format")}
+        kw.update(open_kwargs)
+        if model is None:
+            rec = meta.get("model") or {}
+            cand = rec.get("path")
+            if cand and Path(cand).is_file():
+                model = cand
+            else:
+                raise SavedCacheError(f"{Path(path).name} was made with {rec.get('file', '?')} "
+                                      f"(sha256 {str(rec.get('sha256'))[:12]}...), which is not at {cand}; "
+                                      "pass model=<path or models.txt name>")
+        s = cls.open(model, **kw)
+        try:
+            s.restore(path)
+        except BaseException:
+            s.close()
+            raise
+        return s
+
     def _reset_cache(self) -> None:
         self.ctx.clear()
         self._init_doc()
-        self._turns, self._pending, self._chat_tail, self._chat_last = [], [], "", None
+        self._init_chat()
 
     # --- lifecycle -------------------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -324,7 +400,7 @@ class Session(Conversation, Persistence):
 
     def __repr__(self) -> str:
         return (f"Session({self.model_label}, n_ctx={self.ctx.n_ctx}, method={self.method_name}, "
-                f"budget={self.budget}, doc_cells={self._doc_cells})")
+                f"budget={self.budget}, doc_cells={self.cache.n_cells})")
 
 
 __all__ = ["Session", "POSITION_POLICIES"]

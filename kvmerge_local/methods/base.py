@@ -24,6 +24,7 @@ import numbers
 
 import numpy as np
 
+from ..budget import Budget
 from ..kernels.f16 import as_kernel_array
 from ..kernels.select import select_topk
 from ..plan import Plan
@@ -36,21 +37,10 @@ EVIDENCE_KINDS = ("none", "window", "all", "last", "reconstruct")
 def resolve_budget(budget: float | int, n: int) -> int:
     """Cells to keep: a fraction ``0 < budget <= 1`` of ``n`` (rounded, at least 1) or an int count ``>= 1``.
 
-    An int count larger than ``n`` returns ``n`` (nothing to compress).  Raises ValueError otherwise.
+    An int count larger than ``n`` returns ``n`` (nothing to compress).  Raises ValueError otherwise
+    (:class:`kvmerge_local.budget.Budget`, which callers at the edge parse once, holds the rules).
     """
-    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
-        raise ValueError(f"budget must be a fraction in (0, 1] or a positive int cell count, got {budget!r}")
-    n = int(n)
-    if n < 1:
-        raise ValueError(f"cannot compress {n} cells")
-    if isinstance(budget, numbers.Integral):
-        if budget < 1:
-            raise ValueError(f"an absolute budget must be >= 1 cell, got {budget}")
-        return min(int(budget), n)
-    b = float(budget)
-    if not (0.0 < b <= 1.0):
-        raise ValueError(f"a fractional budget must be in (0, 1], got {budget}")
-    return max(1, min(n, int(round(b * n))))
+    return Budget(budget).cells(n)
 
 
 def protected_counts(n_sink: int, n_recent: int, m: int) -> tuple[int, int]:

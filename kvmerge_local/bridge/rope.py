@@ -1,9 +1,10 @@
-"""Position re-indexing: re-rotate cached keys by a per-(layer, head, cell) position delta.
+"""RoPE of a model and the re-rotation of cached keys by a per-(layer, head, cell) position delta.
 
 llama.cpp stores K **after** RoPE, so moving a cached key from position ``p`` to ``p + delta`` is one more
 RoPE rotation by ``delta`` (rotations compose).  llama.cpp's own ``llama_memory_seq_add`` does this per
 *cell*; after a per-head compaction each KV head may hold a different token (with a different RoPE
-position) in the same cell, so the engine re-rotates per head itself, here, with the model's RoPE
+position) in the same cell, so :meth:`KVBridge.compact(reindex=True) <kvmerge_local.bridge.KVBridge.compact>`
+re-rotates per head itself, here (kernel: :mod:`kvmerge_local.kernels.rope`), with the model's RoPE
 parameters read from the GGUF metadata:
 
 - ``<arch>.rope.freq_base`` (default 10000), ``<arch>.rope.dimension_count`` (``n_rot``, default head_dim:
@@ -28,11 +29,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-import numba as nb
 import numpy as np
 
 from ..errors import UnsupportedCacheError
-from ..kernels.f16 import load, store
 
 log = logging.getLogger(__name__)
 
@@ -163,26 +162,6 @@ def _f32_to_bf16(x: np.ndarray) -> np.ndarray:
     return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
 
 
-@nb.njit(cache=True, parallel=True)
-def _shift_kernel(k, idx, cos_t, sin_t, neox):  # pragma: no cover - compiled
-    """In place: rotate ``k[l, h, c, :n_rot]`` (uint16 f16 bits or float32, any strides) by the angles of
-    table row ``idx[l, h, c]`` (``cos_t``/``sin_t``: float32[n_delta, n_rot // 2]; -1 = leave alone)."""
-    L, H, N = idx.shape
-    half = cos_t.shape[1]
-    for lh in nb.prange(L * H):
-        l, h = lh // H, lh % H
-        for c in range(N):
-            r = idx[l, h, c]
-            if r < 0:
-                continue
-            for i in range(half):
-                cs, sn = cos_t[r, i], sin_t[r, i]
-                a, b = (i, i + half) if neox else (2 * i, 2 * i + 1)
-                x0, x1 = load(k[l, h, c, a]), load(k[l, h, c, b])
-                k[l, h, c, a] = store(x0 * cs - x1 * sn, k)
-                k[l, h, c, b] = store(x0 * sn + x1 * cs, k)
-
-
 def _shift(rope: RopeParams, k: np.ndarray, delta: np.ndarray) -> None:
     """Rotate ``k`` ([L, H, N, d] f16 (through its uint16 bits) or f32) in place by int ``delta[L, H, N]``.
 
@@ -192,8 +171,9 @@ def _shift(rope: RopeParams, k: np.ndarray, delta: np.ndarray) -> None:
     cos_t, sin_t = rope.angles(np.arange(lo, hi + 1))
     idx = delta.astype(np.int64) - lo
     idx[delta == 0] = -1
-    kk = k.view(np.uint16) if k.dtype == np.float16 else k
-    _shift_kernel(kk, idx, np.ascontiguousarray(cos_t), np.ascontiguousarray(sin_t), rope.neox)
+    from ..kernels.rope import rotate_keys  # noqa: PLC0415 - Numba compiles on first use
+
+    rotate_keys(k, idx, cos_t, sin_t, rope.neox)
 
 
 def rerotate_state_keys(st, delta: np.ndarray, rope: RopeParams) -> int:
