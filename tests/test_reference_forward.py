@@ -7,8 +7,6 @@ flips are what is left at 2+ layers. The tests assert the project target, 2e-3.
 """
 from __future__ import annotations
 
-import ctypes
-
 import numpy as np
 import pytest
 
@@ -16,7 +14,7 @@ from kvmerge_local.testing.reference import (attention_evidence, decode_many_wit
                                              prefill)
 from kvmerge_local.testing.tiny_model import TinyConfig, load_weights
 
-llama_cpp = pytest.importorskip("llama_cpp")
+pytest.importorskip("llama_cpp")
 from kvmerge_local.testing.llama_runner import LlamaRunner, try_load_model  # noqa: E402
 
 TOL = 2e-3
@@ -149,10 +147,7 @@ def test_per_head_cells_decode(flash_attn, tiny_llama_small, tiny_weights_factor
     toks = prompt(c, 48, seed=5)
     with LlamaRunner(tiny_llama_small, n_ctx=256, flash_attn=flash_attn) as r:
         r.decode(toks, all_logits=False)
-        size = llama_cpp.llama_state_seq_get_size(r.ctx, 0)
-        buf = (ctypes.c_uint8 * size)()
-        assert llama_cpp.llama_state_seq_get_data(r.ctx, buf, size, 0) == size
-        pos, k, v, v_trans = _parse_state(bytes(buf), c)
+        pos, k, v, v_trans = _parse_state(r.state(), c)
         assert bool(v_trans) == (not flash_attn)
         ref = prefill(w, toks, flash_attn=flash_attn)
         assert np.array_equal(pos, np.arange(48))
@@ -172,8 +167,7 @@ def test_per_head_cells_decode(flash_attn, tiny_llama_small, tiny_weights_factor
         cell_pos = np.sort(rng.choice(47, m - 1, replace=False)).tolist() + [47]
         blob = _build_state(np.array(cell_pos, np.int32), k_new, v_new, bool(v_trans))
         r.clear()
-        arr = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
-        assert llama_cpp.llama_state_seq_set_data(r.ctx, arr, len(blob), 0) == len(blob)
+        r.set_state(blob)
         got = r.decode([321], positions=[48])[0]
     want = decode_with_cache(w, k_new.astype(np.float32), v_new.astype(np.float32), np.array(cell_pos), 321, 48,
                              flash_attn=flash_attn)

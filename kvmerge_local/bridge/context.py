@@ -73,6 +73,15 @@ def _read_gguf_arch(path: Path) -> str:
     return arch
 
 
+def llama_can_load(path: str | os.PathLike) -> bool:
+    """Whether llama.cpp itself loads the GGUF at ``path``, without this project's checks (the model is freed
+    again): tests use it to tell files llama.cpp refuses from files only kvmerge-local refuses."""
+    ptr = _lib.model_load(str(path), 0)
+    if ptr:
+        _lib.model_free(ptr)
+    return bool(ptr)
+
+
 class LlamaModel:
     """A GGUF model loaded by llama.cpp (patched build), checked for KV compaction support."""
 
