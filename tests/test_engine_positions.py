@@ -53,13 +53,12 @@ def _filled(model, kv, toks):
 
 
 def _ours(model, ctx, st, plan, rope):
-    """Our path: apply the plan, re-rotate every head's keys to slot positions 0..m-1, write."""
-    new = apply_plan_to_state(st, plan)
-    target = np.arange(plan.m, dtype=np.int32)
-    rerotate_state_keys(new, target[None, None, :] - plan.pos, rope)
-    new.pos[:] = target
+    """Our path, the product's: ``KVBridge.compact`` applies the plan, re-rotates every head's keys to slot
+    positions 0..m-1 and writes."""
     ctx.clear()
-    KVBridge(ctx).write(new)
+    KVBridge(ctx).write(st)
+    new = KVBridge(ctx).compact(plan, st, reindex=True, rope=rope)
+    np.testing.assert_array_equal(new.pos, np.arange(plan.m))
 
 
 def _llamas(ctx, st, plan):

@@ -101,16 +101,16 @@ class Library:
         docs = [d for d in (self.get(p.name) for p in self.root.iterdir() if p.is_dir()) if d is not None]
         return sorted(docs, key=lambda d: d.created, reverse=True)
 
-    def save(self, session, *, name: str, digest: str, settings: Settings, stats: dict,
-             pages: list[tuple[int, int, int]]) -> SavedDoc:
-        """Save ``session``'s cache as the entry for (digest, settings), replacing an older one."""
+    def save(self, session, *, name: str, digest: str, settings: Settings, stats: dict) -> SavedDoc:
+        """Save ``session``'s document cache (``session.cache``: its pages are listed with the entry) as the
+        entry for (digest, settings), replacing an older one."""
         key = self.key_for(digest, settings)
         folder = self.root / key
         if folder.exists():
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
         doc = SavedDoc(key=key, name=name, digest=digest, settings=settings, created=time.time(),
-                       stats=_jsonable(stats), pages=[tuple(map(int, p)) for p in pages], folder=folder)
+                       stats=_jsonable(stats), pages=[tuple(map(int, p)) for p in session.cache.pages], folder=folder)
         try:
             session.save(doc.cache_path)
             tmp = folder / (META + ".tmp")

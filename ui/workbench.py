@@ -137,12 +137,11 @@ class Workbench:
                 raise
             took = time.perf_counter() - t0
             stats_d = _stats_dict(stats)
-            pages = [tuple(map(int, p)) for p in session.pages]
+            pages = [tuple(map(int, p)) for p in session.cache.pages]
             if progress is not None:
                 progress(1, 1, "saving the compressed cache")
             try:
-                doc = self.library.save(session, name=name, digest=digest, settings=settings, stats=stats_d,
-                                        pages=pages)
+                doc = self.library.save(session, name=name, digest=digest, settings=settings, stats=stats_d)
                 note = f"ingested {name} in {took:.1f} s; its compressed cache is saved for next time{stale}."
             except OSError as e:
                 log.warning("could not save the cache of %s: %s", name, e)
@@ -277,8 +276,9 @@ class Workbench:
                 if not live.get(k) and v:
                     live[k] = v
             live.setdefault("kv_type", doc.settings.kv_type)
-        pages = [tuple(map(int, p)) for p in s.pages]
-        cov = coverage(s.kept_positions(), int(live.get("tokens_ingested") or 0), pages)
+        cache = s.cache  # the document cache: its cells' document positions, pages and token count
+        pages = [tuple(map(int, p)) for p in cache.pages]
+        cov = coverage(cache.doc_pos, cache.n_tokens, pages)
         self._snapshot = Snapshot(stats=live, pages=pages, coverage=cov, doc=doc,
                                   note=note or self._snapshot.note)
 

@@ -27,6 +27,15 @@ LATER_PROMPT = "Repeat the part of the previous context exactly, starting with"
 CUE_TOKENS = 8
 
 
+def replay_prompt(model, fmt, instruction: str) -> np.ndarray:
+    """int32[n]: ``instruction`` laid out as the chat format ``fmt`` lays out a first question after the
+    document (KVzip replays the document as the answer to it), tokenized by ``model``."""
+    from .templates import Q1, TemplateFormat  # noqa: PLC0415
+
+    text = fmt.first.replace(Q1, instruction) if isinstance(fmt, TemplateFormat) else fmt.first.format(q=instruction)
+    return model.tokenize(text, add_bos=False, special=bool(getattr(fmt, "special", False)))
+
+
 def replay_scores(bridge: KVBridge, doc_tokens: np.ndarray, first_prompt: np.ndarray, later_prompt: np.ndarray,
                   *, chunk_size: int, step: int) -> np.ndarray:
     """float32[n_layer, n_kv_head, N]: KVzip scores of the N cells now in the cache (blob order).

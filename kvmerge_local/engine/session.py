@@ -33,7 +33,7 @@ from .cache import TAIL_CHARS, DocumentCache
 from .chat import FORMAT_NAMES, detect_format
 from .conversation import Conversation
 from .documents import load_document, page_token_spans
-from .replay import FIRST_PROMPT, LATER_PROMPT, replay_scores
+from .replay import FIRST_PROMPT, LATER_PROMPT, replay_prompt, replay_scores
 from .saved import SavedCacheError, read_header
 from .stats import IngestProgress, Stats
 
@@ -268,21 +268,12 @@ class Session(Conversation):
         hi = int(c.doc_pos.max()) + 1
         toks = c.tokens[c.replayed:hi]
         t0 = time.perf_counter()
-        first, later = (self._replay_prompt(p) for p in (FIRST_PROMPT, LATER_PROMPT))
+        first, later = (replay_prompt(self.model, self.fmt, p) for p in (FIRST_PROMPT, LATER_PROMPT))
         scores = replay_scores(self.bridge, toks, first, later, chunk_size=int(getattr(self.method, "chunk_size", 512)),
                                step=int(getattr(self.method, "step", 16)))
         c.replayed = hi
         c.t_compact += time.perf_counter() - t0
         return scores
-
-    def _replay_prompt(self, instruction: str) -> np.ndarray:
-        """int32[n]: ``instruction`` laid out as the chat format lays out a first question after the
-        document (KVzip replays the document as the answer to it)."""
-        from .templates import Q1, TemplateFormat  # noqa: PLC0415
-
-        fmt = self.fmt
-        text = fmt.first.replace(Q1, instruction) if isinstance(fmt, TemplateFormat) else fmt.first.format(q=instruction)
-        return self.model.tokenize(text, add_bos=False, special=bool(getattr(fmt, "special", False)))
 
     # --- save and load --------------------------------------------------------------------------------
     def model_sha256(self) -> str:
