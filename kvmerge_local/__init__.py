@@ -6,6 +6,8 @@ _LAZY = {
     "Session": ("kvmerge_local.engine.session", "Session"),
     "Stats": ("kvmerge_local.engine.stats", "Stats"),
     "IngestProgress": ("kvmerge_local.engine.stats", "IngestProgress"),
+    "DocumentCache": ("kvmerge_local.engine.cache", "DocumentCache"),
+    "Budget": ("kvmerge_local.budget", "Budget"),
 }
 
 

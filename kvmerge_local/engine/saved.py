@@ -12,6 +12,8 @@ Layout (little-endian)::
 
 The header also stores the payload's sha256, so a truncated or corrupted file is refused before
 anything reaches llama.cpp.  :func:`read_saved` raises :class:`SavedCacheError` with a clear message.
+:meth:`DocumentCache.save <kvmerge_local.engine.cache.DocumentCache.save>` and ``.load`` write and read it
+(``Session.load`` reads only the header).
 """
 from __future__ import annotations
 
