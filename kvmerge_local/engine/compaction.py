@@ -102,7 +102,7 @@ def float_views(st: KVState) -> tuple[np.ndarray, np.ndarray]:
         out = np.empty((L, H, N, d), np.float16)
         for l in range(L):
             if a.dtype == np.uint16:
-                out[l] = (a[l].astype(np.uint32) << 16).view(np.float32)
+                out[l] = codec.bf16_bits_to_f32_array(a[l])
             else:
                 out[l] = codec.dequantize_rows(np.ascontiguousarray(a[l]).reshape(H * N, -1), t).reshape(H, N, d)
         return out
