@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class KVMerger(Method):
-    """KVMerger with the paper's threshold merging sets (Algorithm 1) and Gaussian merging (docs/ALGORITHMS.md).
+    """KVMerger as in the paper: threshold merging sets (Algorithm 1), Gaussian-kernel merging.
+
+    Formulas and this project's choices: docs/ALGORITHMS.md.
 
     1. Protected singletons: first ``n_sink``, last ``n_recent`` and the ``k_top`` highest-evidence
        cells (int count, or a float in (0, 1) = fraction of ``m``), clipped to fit ``m``.

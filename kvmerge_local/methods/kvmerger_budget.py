@@ -13,8 +13,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class KVMergerBudget(KVMerger):
-    """KVMerger whose step 3 clusters to the budget: starting from singletons, repeatedly merge the most similar
-    adjacent pair of sets (cosine of neighbouring keys, protected cells never merge) until ``m`` sets remain
+    """KVMerger whose merging sets are clustered to exactly ``m`` (budget mode) instead of thresholded.
+
+    Step 3: starting from singletons, repeatedly merge the most similar adjacent pair of sets (cosine of neighbouring keys, protected cells never merge) until ``m`` sets remain
     (kernels/cluster.py ``budget_runs``).  ``refuse_below_epsilon=True`` stops merging at ``epsilon`` and evicts
     the lowest-evidence sets instead.  Steps 1, 2 and 4-7 (pivot, Gaussian weights, positions) and every other
     parameter are :class:`~kvmerge_local.methods.kvmerger.KVMerger`'s.

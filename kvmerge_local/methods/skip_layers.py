@@ -21,9 +21,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SkipLayers(Method):
-    """Layers ``layers`` (negative = from the end; the paper's ``(0, 1, -1)``) keep SnapKV's selection with
-    ``base``'s window and evidence; the other layers get ``base``'s plan.  Entries beyond the model's depth
-    are ignored, so one configuration serves models of any depth.  Parameters not of this press (``epsilon``,
+    """Wrapper: SnapKV selection on the broad-attention layers ``layers``, ``base``'s plan on the others.
+
+    ``layers``: negative = from the end (the paper's ``(0, 1, -1)``); entries beyond the model's depth are
+    ignored, so one configuration serves models of any depth.  SnapKV uses ``base``'s window and evidence.  Parameters not of this press (``epsilon``,
     ``window``, ...) belong to ``base`` (``get_method`` passes them on)."""
 
     base: Method = field(default_factory=KVMerger)
