@@ -37,7 +37,9 @@ browser:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "chromium not installed (needs root and apt): the UI browser test will be skipped"
 
+# lint-imports: the floors of the layout (pyproject.toml [tool.importlinter]; README "Architecture")
 test: setup browser
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q -p no:cacheprovider
 
 demo: setup

@@ -288,6 +288,28 @@ def test_f32_to_f16_matches_numpy_incl_edges():
     np.testing.assert_array_equal(ours[ok], ref[ok])
 
 
+def test_bf16_arrays_are_the_row_codec_and_ggml_rounding():
+    """The one bf16 conversion (codec) on arrays of any shape and strides: bit-identical to the bf16 row codec
+    (checked against ggml below), round-half-even by hand, NaNs kept NaN."""
+    rng = np.random.default_rng(5)
+    bits = rng.integers(0, 2 ** 32, 20_000, dtype=np.uint64).astype(np.uint32)
+    ties = (rng.integers(0, 2 ** 16, 4096, dtype=np.uint32) << 16) | np.uint32(0x8000)  # exact midpoints
+    x = np.concatenate([bits, ties, ties + 1, ties - 1]).view(np.float32).reshape(-1, 32)
+    ours = codec.f32_to_bf16_bits_array(x)
+    assert ours.shape == x.shape and ours.dtype == np.uint16
+    np.testing.assert_array_equal(ours.view(np.uint8), codec.quantize_rows(x, GGML_TYPE_BF16))
+    u = x.view(np.uint32).astype(np.uint64)
+    rne = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    np.testing.assert_array_equal(ours[~nan], rne[~nan])
+    assert np.isnan(codec.bf16_bits_to_f32_array(ours[nan])).all()
+    back = codec.bf16_bits_to_f32_array(ours.T)  # a strided view
+    assert back.shape == ours.T.shape
+    np.testing.assert_array_equal(back.view(np.uint32), ours.T.astype(np.uint32) << 16)
+    np.testing.assert_array_equal(codec.bf16_bits_to_f32_array(ours),
+                                  codec.dequantize_rows(ours.view(np.uint8), GGML_TYPE_BF16))
+
+
 def test_roundtrip_and_views():
     rng = np.random.default_rng(2)
     x = _random_rows(rng, 20, 256)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from kvmerge_local import Session
+from kvmerge_local.bridge import LlamaContext
 from kvmerge_local.engine.chat import FORMATS, StopFilter, detect_format
 
 pytestmark = pytest.mark.llama
@@ -75,7 +76,21 @@ def test_question_without_document(raw_model):
     with Session.open(raw_model, n_ctx=256, n_threads=2) as s:
         toks = s._question_tokens("Hello?")
         np.testing.assert_array_equal(toks, _joint(s, "Question: Hello?\nAnswer:"))
-        assert isinstance("".join(s.ask("Hello?", max_new_tokens=3)), str)
+        answer = "".join(s.ask("Hello?", max_new_tokens=6))
+        # the same greedy answer, decoded independently on a fresh context: argmax token by token, stopped at
+        # the end of generation, pieces joined and filtered as the session streams them
+        with LlamaContext(s.model, n_ctx=256, n_threads=2, flash_attn=s.flash_attn) as ctx:
+            logits, pieces = ctx.decode(toks), []
+            for _ in range(6):
+                tok = int(np.argmax(logits))
+                if s.model.is_eog(tok) or tok in getattr(s.fmt, "end_ids", ()):
+                    break
+                pieces.append(s.model.piece(tok))
+                logits = ctx.decode(np.array([tok], np.int32))
+        assert pieces, "the tiny model ends at once: nothing to compare"
+        filt = StopFilter(s.fmt.stop)
+        text, stopped = filt.push(b"".join(pieces).decode("utf-8", "replace"))
+        assert answer == text + ("" if stopped else filt.flush())
 
 
 def test_format_override_and_name_detection(raw_model):

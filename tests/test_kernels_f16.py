@@ -4,7 +4,8 @@ import pytest
 from numba import njit
 
 from kvmerge_local.kernels.f16 import (
-    HAS_F16C, as_kernel_array, f16_bits_to_f32_soft, f16_to_f32_array, f32_to_f16_array, f32_to_f16_bits_soft, store,
+    HAS_F16C, as_kernel_array, f16_bits_to_f32, f16_bits_to_f32_hw, f16_bits_to_f32_soft, f16_to_f32_array,
+    f32_to_f16_array, f32_to_f16_bits, f32_to_f16_bits_hw, f32_to_f16_bits_soft, store,
 )
 
 
@@ -58,8 +59,29 @@ def test_soft_paths_match_numpy_too():
     assert np.array_equal(a.view(np.uint32), ALL_HALF.view(np.float16).astype(np.float32).view(np.uint32))
 
 
-def test_hardware_path_detected_is_bool():
-    assert isinstance(HAS_F16C, bool)
+def _cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (x86 "flags", ARM "Features"); None when unreadable."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, val = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(val.split())
+    return None
+
+
+def test_hardware_path_follows_the_cpu():
+    """F16C is detected exactly when the CPU has it (through LLVM's host features), and then the kernels run
+    the hardware conversions, otherwise the integer ones (the module-level choice the kernels compile in)."""
+    flags = _cpu_flags()
+    if flags is None:
+        pytest.skip("no /proc/cpuinfo feature flags to compare with")
+    assert HAS_F16C == ("f16c" in flags)
+    assert (f16_bits_to_f32 is f16_bits_to_f32_hw) == HAS_F16C
+    assert (f32_to_f16_bits is f32_to_f16_bits_hw) == HAS_F16C
+    assert (f16_bits_to_f32 is f16_bits_to_f32_soft) != HAS_F16C
 
 
 def test_store_saturates_merges_to_finite_half():

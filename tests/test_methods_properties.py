@@ -6,7 +6,9 @@ from hypothesis import strategies as st
 
 import kvmerge_local
 from kvmerge_local.kernels import reference as R
-from kvmerge_local.methods import CaM, H2O, KVMerger, SnapKV, StreamingLLM, get_method
+from kvmerge_local.methods import CaM, H2O, KVMerger, KVMergerBudget, SkipLayers, SnapKV, StreamingLLM, get_method
+
+MERGERS = {"threshold": KVMerger, "budget": KVMergerBudget}
 
 # -- synthetic data -------------------------------------------------------------------------------------
 
@@ -38,7 +40,7 @@ def test_kvmerger_recovers_runs_of_similar_keys(mode):
     N = len(K)
     k = np.broadcast_to(K, (2, 3, N, 32)).astype(np.float16)
     v = rng.standard_normal((2, 3, N, 32)).astype(np.float16)
-    meth = KVMerger(mode=mode, n_sink=0, n_recent=1, k_top=0)
+    meth = MERGERS[mode](n_sink=0, n_recent=1, k_top=0)
     start, end = meth.runs(k.view(np.uint16), np.ones((2, 3, N), np.float32), len(lengths))
     bounds = np.cumsum([0] + lengths)
     assert np.all(start == bounds[:-1]) and np.all(end == bounds[1:])
@@ -54,7 +56,7 @@ def test_kvmerger_invariants(seed, mode, N, frac):
     k = np.cumsum(rng.standard_normal((L, H, N, d)), 2).astype(np.float16)
     v = rng.standard_normal((L, H, N, d)).astype(np.float16)
     ev = rng.integers(0, 4, (L, H, N)).astype(np.float32)  # ties on purpose
-    meth = KVMerger(mode=mode, n_sink=2, n_recent=3, k_top=2, epsilon=0.5)
+    meth = MERGERS[mode](n_sink=2, n_recent=3, k_top=2, epsilon=0.5)
     m = max(7, int(frac * N))
     if m >= N:
         return
@@ -97,7 +99,7 @@ def test_kvmerger_skip_layers_select_there():
     rng = np.random.default_rng(2)
     k = np.cumsum(rng.standard_normal((4, 2, 60, 8)), 2).astype(np.float16)
     ev = rng.random((4, 2, 60)).astype(np.float32)
-    plan = KVMerger(epsilon=0.0, n_recent=4, window=8, skip_layers=(0, -1)).plan(k, k, None, ev, 20)
+    plan = SkipLayers(base=KVMerger(epsilon=0.0, n_recent=4, window=8), layers=(0, -1)).plan(k, k, None, ev, 20)
     snap = SnapKV(window=8).plan(k[[0, 3]], k[[0, 3]], None, ev[[0, 3]], 20)
     per = np.diff(plan.offsets, axis=2)
     assert np.all(per[[0, 3]] == 1) and np.array_equal(plan.pos[[0, 3]], snap.pos)

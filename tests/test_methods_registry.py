@@ -8,7 +8,7 @@ import kvmerge_local
 from kvmerge_local.kernels import reference as R
 from kvmerge_local.kernels.apply import apply_plan
 from kvmerge_local.methods import (
-    REGISTRY, CaM, H2O, KVMerger, SnapKV, StreamingLLM, TOVA, describe_methods, get_method, resolve_budget,
+    REGISTRY, CaM, H2O, KVMerger, KVMergerBudget, SkipLayers, SnapKV, StreamingLLM, TOVA, describe_methods, get_method, resolve_budget,
 )
 from kvmerge_local.methods.reference import reference_plan
 
@@ -131,12 +131,23 @@ def test_get_method_overrides_and_errors():
         get_method("h2o", epsilon=0.3)
     with pytest.raises(ValueError):
         get_method("kvmerger", mode="fast")
+    with pytest.raises(ValueError):
+        get_method("kvmerger", refuse_below_epsilon=True)  # a parameter of the budget variant only
+    b = get_method("kvmerger+budget", refuse_below_epsilon=True, k_top=3)
+    assert type(b) is KVMergerBudget and b.refuse_below_epsilon and b.k_top == 3
+    sk = get_method("kvmerger+skip", epsilon=0.4, layers=(0,))
+    assert isinstance(sk, SkipLayers) and sk.layers == (0,) and sk.base.epsilon == 0.4 and sk.window == 32
+    assert REGISTRY["kvmerger+skip"].base.epsilon == 0.75 and REGISTRY["kvmerger+skip"].layers == (0, 1, -1)
+    with pytest.raises(ValueError):
+        get_method("kvmerger+skip", pooling="max")  # neither SkipLayers' nor KVMerger's
 
 
 @pytest.mark.parametrize("cls,kw", [
     (KVMerger, {"epsilon": 2.0}), (KVMerger, {"sigma": -1.0}), (KVMerger, {"sigma": "auto"}),
     (KVMerger, {"value_scale": "x"}), (KVMerger, {"k_top": -1}), (KVMerger, {"k_top": 1.5}),
-    (KVMerger, {"skip_layers": ("a",)}), (KVMerger, {"evidence": "last"}), (KVMerger, {"n_recent": 0}),
+    (SkipLayers, {"layers": ("a",)}), (KVMerger, {"evidence": "last"}), (KVMerger, {"n_recent": 0}),
+    (KVMergerBudget, {"refuse_below_epsilon": 1}), (KVMergerBudget, {"epsilon": -1.5}),
+    (SkipLayers, {"base": KVMerger(evidence="none")}), (SkipLayers, {"base": SkipLayers()}), (SkipLayers, {"base": "kvmerger"}),
     (SnapKV, {"window": 0}), (SnapKV, {"pooling": "median"}), (H2O, {"n_recent": 0}), (StreamingLLM, {"n_sink": -1}),
     (TOVA, {"n_sink": 1.5}), (CaM, {"merge_budget": 0}), (CaM, {"base": KVMerger()}), (CaM, {"seed": -1}),
 ])

@@ -152,16 +152,6 @@ class RopeParams:
         return x
 
 
-def _bf16_to_f32(u: np.ndarray) -> np.ndarray:
-    return (u.astype(np.uint32) << 16).view(np.float32)
-
-
-def _f32_to_bf16(x: np.ndarray) -> np.ndarray:
-    """float32 -> bf16 bit patterns (uint16), round half to even (finite inputs), as ggml."""
-    u = x.view(np.uint32).astype(np.uint64)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-
-
 def _shift(rope: RopeParams, k: np.ndarray, delta: np.ndarray) -> None:
     """Rotate ``k`` ([L, H, N, d] f16 (through its uint16 bits) or f32) in place by int ``delta[L, H, N]``.
 
@@ -202,9 +192,9 @@ def rerotate_state_keys(st, delta: np.ndarray, rope: RopeParams) -> int:
             continue
         dl = delta[l, hs, cs][None, None, :]
         if k4.dtype == np.uint16:  # bf16 bit patterns
-            x = np.ascontiguousarray(_bf16_to_f32(k4[l, hs, cs]))
+            x = np.ascontiguousarray(codec.bf16_bits_to_f32_array(k4[l, hs, cs]))
             _shift(rope, x[None, None], dl)
-            k4[l, hs, cs] = _f32_to_bf16(x)
+            k4[l, hs, cs] = codec.f32_to_bf16_bits_array(x)
             continue
         x = codec.dequantize_rows(np.ascontiguousarray(k4[l, hs, cs]), st.k_type)
         if nrot:

@@ -22,35 +22,26 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..codec.types import TYPE_IDS, TYPES  # noqa: F401 - the one ggml type table (TYPE_IDS: bridge.context)
+from ..codec.types import row_bytes as codec_row_bytes
 from ..errors import UnsupportedCacheError
 
 log = logging.getLogger(__name__)
 
 STATE_MAGIC = 0xAF143CD8
 
-GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_Q4_0, GGML_TYPE_Q8_0, GGML_TYPE_BF16 = 0, 1, 2, 8, 30
 
-#: ggml type id -> (name, elements per block, bytes per block, numpy dtype of a float view or None)
-TYPES: dict[int, tuple[str, int, int, type | None]] = {
-    GGML_TYPE_F32: ("f32", 1, 4, np.float32),
-    GGML_TYPE_F16: ("f16", 1, 2, np.float16),
-    GGML_TYPE_BF16: ("bf16", 1, 2, np.uint16),
-    GGML_TYPE_Q8_0: ("q8_0", 32, 34, None),
-    GGML_TYPE_Q4_0: ("q4_0", 32, 18, None),
-}
-TYPE_IDS = {v[0]: k for k, v in TYPES.items()}
-
-
-def type_name(type_id: int) -> str:
-    return TYPES[type_id][0] if type_id in TYPES else f"ggml type {type_id}"
+def _label(type_id: int) -> str:
+    """A type's name for messages, also for ids the codec does not support."""
+    return TYPES[type_id].name if type_id in TYPES else f"ggml type {type_id}"
 
 
 def row_bytes(type_id: int, n_elems: int) -> int:
-    """Bytes of a row of ``n_elems`` elements (``ggml_row_size``)."""
-    _, blk, bb, _ = TYPES[type_id]
-    if n_elems % blk:
-        raise UnsupportedCacheError(f"{type_name(type_id)} rows need a multiple of {blk} elements, got {n_elems}")
-    return n_elems // blk * bb
+    """Bytes of a row of ``n_elems`` elements (``ggml_row_size``); UnsupportedCacheError when not whole blocks."""
+    try:
+        return codec_row_bytes(type_id, n_elems)
+    except ValueError as e:
+        raise UnsupportedCacheError(str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -91,9 +82,9 @@ class KVState:
         self.k_row_bytes = row_bytes(k_type, geom.n_embd_kv)
         self.k4 = self._row_view(k_off, k_type, self.k_row_bytes)
         if v_trans:
-            el = TYPES[v_type][2]
+            el = TYPES[v_type].block_bytes
             lstride = 12 + geom.n_embd_kv * N * el
-            self.v4 = np.ndarray((L, H, N, d), dtype=TYPES[v_type][3], buffer=blob, offset=v_off + 12,
+            self.v4 = np.ndarray((L, H, N, d), dtype=TYPES[v_type].view, buffer=blob, offset=v_off + 12,
                                  strides=(lstride, d * N * el, el, N * el))
             self.v_row_bytes = geom.n_embd_kv * el
         else:
@@ -102,13 +93,13 @@ class KVState:
 
     def _row_view(self, off: int, type_id: int, rb: int) -> np.ndarray:
         N, L, H, d = self.n_cells, self.geom.n_layer, self.geom.n_kv_head, self.geom.head_dim
-        name, blk, bb, dt = TYPES[type_id]
+        t = TYPES[type_id]
         lstride = 12 + N * rb
-        if dt is not None:
-            es = bb
-            return np.ndarray((L, H, N, d), dtype=dt, buffer=self.blob, offset=off + 12,
+        if t.view is not None:
+            es = t.block_bytes
+            return np.ndarray((L, H, N, d), dtype=t.view, buffer=self.blob, offset=off + 12,
                               strides=(lstride, d * es, rb, es))
-        hb = d // blk * bb
+        hb = d // t.block * t.block_bytes
         return np.ndarray((L, H, N, hb), dtype=np.uint8, buffer=self.blob, offset=off + 12,
                           strides=(lstride, hb, rb, 1))
 
@@ -125,7 +116,7 @@ class KVState:
 
     @property
     def quantized(self) -> bool:
-        return TYPES[self.k_type][3] is None or TYPES[self.v_type][3] is None
+        return TYPES[self.k_type].view is None or TYPES[self.v_type].view is None
 
     def k(self, layer: int) -> np.ndarray:
         """Layer ``layer``'s keys: [n_kv_head, n_cells, head_dim] (stored dtype; view)."""
@@ -142,7 +133,7 @@ class KVState:
     def __repr__(self) -> str:
         return (f"KVState(seq={self.seq_id}, cells={self.n_cells}, layers={self.geom.n_layer}, "
                 f"kv_heads={self.geom.n_kv_head}, head_dim={self.geom.head_dim}, "
-                f"k={type_name(self.k_type)}, v={type_name(self.v_type)}, v_trans={self.v_trans}, "
+                f"k={_label(self.k_type)}, v={_label(self.v_type)}, v_trans={self.v_trans}, "
                 f"nbytes={self.nbytes})")
 
 
@@ -199,7 +190,7 @@ def parse_state(blob: np.ndarray, geom: KVGeometry) -> KVState:
     v_type = _i32(b, v_off)
     for t in (k_type, v_type):
         if t not in TYPES:
-            raise UnsupportedCacheError(f"KV cache type {type_name(t)} is not supported "
+            raise UnsupportedCacheError(f"KV cache type {_label(t)} is not supported "
                                         f"(use one of {', '.join(TYPE_IDS)})")
     v_block = 12 + (_u32(b, v_off + 4) * _u32(b, v_off + 8) * n if v_trans else n * _u64(b, v_off + 4))
     if v_off + n_layer * v_block > b.nbytes:
@@ -232,7 +223,7 @@ def _check_layers(b: np.ndarray, st: KVState) -> None:
         if _i32(b, ko) != st.k_type or _u64(b, ko + 4) != st.k_row_bytes:
             raise UnsupportedCacheError(f"layer {l} K type/width differs (per-layer KV widths are unsupported)")
         if st.v_trans:
-            vo = st._v_off + l * (12 + st.geom.n_embd_kv * N * TYPES[st.v_type][2])
+            vo = st._v_off + l * (12 + st.geom.n_embd_kv * N * TYPES[st.v_type].block_bytes)
             ok = _i32(b, vo) == st.v_type and _u32(b, vo + 8) == st.geom.n_embd_kv
         else:
             vo = st._v_off + l * (12 + N * st.v_row_bytes)
@@ -250,7 +241,7 @@ def new_state(like: KVState, n_cells: int, pos: np.ndarray | None = None, out: n
     """
     g, N = like.geom, n_cells
     rk = like.k_row_bytes
-    vblock = 12 + (g.n_embd_kv * N * TYPES[like.v_type][2] if like.v_trans else N * like.v_row_bytes)
+    vblock = 12 + (g.n_embd_kv * N * TYPES[like.v_type].block_bytes if like.v_trans else N * like.v_row_bytes)
     size = 12 + 4 + 12 * N + 8 + g.n_layer * (12 + N * rk) + g.n_layer * vblock
     b = out[:size] if out is not None and out.dtype == np.uint8 and out.nbytes >= size else np.empty(size, np.uint8)
     b[0:4].view(np.uint32)[0] = STATE_MAGIC
@@ -275,7 +266,7 @@ def new_state(like: KVState, n_cells: int, pos: np.ndarray | None = None, out: n
         o = v_off + l * vblock
         b[o:o + 4].view(np.int32)[0] = like.v_type
         if like.v_trans:
-            b[o + 4:o + 8].view(np.uint32)[0] = TYPES[like.v_type][2]
+            b[o + 4:o + 8].view(np.uint32)[0] = TYPES[like.v_type].block_bytes
             b[o + 8:o + 12].view(np.uint32)[0] = g.n_embd_kv
         else:
             b[o + 4:o + 12].view(np.uint64)[0] = like.v_row_bytes
@@ -299,7 +290,7 @@ def float_views(st: KVState) -> tuple[np.ndarray, np.ndarray]:
         out = np.empty((L, H, N, d), np.float16)
         for l in range(L):
             if a.dtype == np.uint16:
-                out[l] = (a[l].astype(np.uint32) << 16).view(np.float32)
+                out[l] = codec.bf16_bits_to_f32_array(a[l])
             else:
                 out[l] = codec.dequantize_rows(np.ascontiguousarray(a[l]).reshape(H * N, -1), t).reshape(H, N, d)
         return out

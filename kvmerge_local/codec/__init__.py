@@ -58,33 +58,50 @@ API (all arrays NumPy; ``type_id`` is a ggml type id; ``out=None`` allocates)
 * ``hadamard_matrix(n) -> float32[n, n]``, ``rot_size(head_dim, kind)``, ``cache_rot_size(type_id, head_dim,
   kind, environ)``, ``rotate(x: float32[..., k*nrot], nrot, out)``, ``unrotate(...)``
 * scalar njit helpers ``f16_bits_to_f32``, ``f32_to_f16_bits``, ``bf16_bits_to_f32``, ``f32_to_bf16_bits`` and
-  array versions ``f16_bits_to_f32_array``, ``f32_to_f16_bits_array``.
+  array versions ``f16_bits_to_f32_array``, ``f32_to_f16_bits_array``, ``bf16_bits_to_f32_array``,
+  ``f32_to_bf16_bits_array`` (the project's only bf16 conversions; f16 ones with NumPy semantics for the
+  kernels are in ``floats``).
+* the type table (``types``, importable without Numba): ``TYPES``, ``TYPE_IDS``, ``GGMLType``, ``type_name``,
+  ``is_quantized``, ``row_bytes``, ``n_elems_of_row``.
+
+Importing the package loads only the type table; the Numba modules load on first use of their names
+(``codec.dequantize_rows`` ...), so the bridge can read the table without paying for Numba.
 
 Quantized V caches are never transposed (llama.cpp needs flash attention for them); a transposed f16 V matrix
 ``[n_embd_v_gqa, cell_count]`` decodes with the same f16 functions (one "row" per embedding channel).
 """
 from __future__ import annotations
 
+import importlib
 import logging
 
-from ._kernels import (bf16_bits_to_f32, f16_bits_to_f32, f16_bits_to_f32_array, f32_to_bf16_bits,
-                       f32_to_f16_bits, f32_to_f16_bits_array)
-from .rows import (DEFAULT_Q8_VARIANT, GGML_TYPE_BF16, GGML_TYPE_F16, GGML_TYPE_F32, GGML_TYPE_Q4_0, GGML_TYPE_Q8_0,
-                   Q4_0_BLOCK_BYTES, Q8_0_BLOCK_BYTES, Q8_VARIANT_NEON, Q8_VARIANT_REF, Q8_VARIANT_X86, QK,
-                   QUANTIZED_TYPES, dequantize_heads_at, dequantize_rows, dequantize_rows_at, is_quantized,
-                   n_elems_of_row, quantize_heads_at, quantize_rows, quantize_rows_at, row_bytes, type_name)
-from .hadamard import (cache_rot_size, hadamard_matrix, rot_size, rotate, rotation_disabled_by_env, unrotate)
+from .types import (GGML_TYPE_BF16, GGML_TYPE_F16, GGML_TYPE_F32, GGML_TYPE_Q4_0, GGML_TYPE_Q8_0, Q4_0_BLOCK_BYTES,
+                    Q8_0_BLOCK_BYTES, QK, QUANTIZED_TYPES, TYPE_IDS, TYPES, GGMLType, ggml_type, is_quantized,
+                    n_elems_of_row, row_bytes, type_name)
 
 log = logging.getLogger(__name__)
 
+#: names served lazily (PEP 562) from the Numba modules
+_LAZY = {
+    **dict.fromkeys(("f16_bits_to_f32", "f32_to_f16_bits", "bf16_bits_to_f32", "f32_to_bf16_bits",
+                     "f16_bits_to_f32_array", "f32_to_f16_bits_array", "bf16_bits_to_f32_array",
+                     "f32_to_bf16_bits_array"), "._kernels"),
+    **dict.fromkeys(("Q8_VARIANT_X86", "Q8_VARIANT_REF", "Q8_VARIANT_NEON", "DEFAULT_Q8_VARIANT",
+                     "dequantize_rows", "quantize_rows", "dequantize_rows_at", "quantize_rows_at",
+                     "dequantize_heads_at", "quantize_heads_at"), ".rows"),
+    **dict.fromkeys(("hadamard_matrix", "rot_size", "cache_rot_size", "rotation_disabled_by_env", "rotate",
+                     "unrotate"), ".hadamard"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "GGML_TYPE_F32", "GGML_TYPE_F16", "GGML_TYPE_Q4_0", "GGML_TYPE_Q8_0", "GGML_TYPE_BF16", "QUANTIZED_TYPES",
-    "QK", "Q8_0_BLOCK_BYTES", "Q4_0_BLOCK_BYTES",
-    "Q8_VARIANT_X86", "Q8_VARIANT_REF", "Q8_VARIANT_NEON", "DEFAULT_Q8_VARIANT",
-    "type_name", "is_quantized", "row_bytes", "n_elems_of_row",
-    "f16_bits_to_f32", "f32_to_f16_bits", "bf16_bits_to_f32", "f32_to_bf16_bits",
-    "f16_bits_to_f32_array", "f32_to_f16_bits_array",
-    "dequantize_rows", "quantize_rows", "dequantize_rows_at", "quantize_rows_at",
-    "dequantize_heads_at", "quantize_heads_at",
-    "hadamard_matrix", "rot_size", "cache_rot_size", "rotation_disabled_by_env", "rotate", "unrotate",
+    "QK", "Q8_0_BLOCK_BYTES", "Q4_0_BLOCK_BYTES", "TYPES", "TYPE_IDS", "GGMLType", "ggml_type",
+    "type_name", "is_quantized", "row_bytes", "n_elems_of_row", *_LAZY,
 ]

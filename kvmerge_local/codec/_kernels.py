@@ -2,9 +2,9 @@
 
 Semantics and sources: see kvmerge_local.codec. All njit code that calls each other lives in this one module on
 purpose: numba's on-disk cache only notices edits to a function's own file, so a helper in another module
-could leave stale cached callers behind.  The exception is the f16 <-> f32 pair, which comes from
-kvmerge_local.kernels.f16 (the single implementation; F16C instructions when the CPU has them): after editing
-those, clear the __pycache__ Numba caches.
+could leave stale cached callers behind.  The exception is the f16 <-> f32 pair, which comes from ``.floats``
+(the single implementation; F16C instructions when the CPU has them): after editing those, clear the
+__pycache__ Numba caches.  bfloat16 <-> f32 is here, once (scalars for the kernels, arrays for everyone else).
 
 All kernels work on (row index, segment index) pairs: output row ``i`` is elements
 ``[heads[i]*seg, (heads[i]+1)*seg)`` of cache row ``rows[i]``. Whole rows are ``seg = n_elems, heads = 0``.
@@ -16,8 +16,8 @@ import logging
 import numba as nb
 import numpy as np
 
-from ..kernels.f16 import f16_bits_to_f32_ggml as f16_bits_to_f32  # noqa: F401 - the one f16 implementation
-from ..kernels.f16 import f32_to_f16_bits_ggml as f32_to_f16_bits  # noqa: F401
+from .floats import f16_bits_to_f32_ggml as f16_bits_to_f32  # noqa: F401 - the one f16 implementation
+from .floats import f32_to_f16_bits_ggml as f32_to_f16_bits  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -51,31 +51,45 @@ def f32_to_bf16_bits(f):
 
 
 @nb.njit(cache=True, parallel=True)
-def _f16_to_f32_array(h, out):
+def _bits_to_f32_array(h, bf16, out):
+    """uint16[n] f16 (``bf16=False``) or bf16 bit patterns -> float32[n] ``out`` (the flag is loop invariant)."""
     for i in nb.prange(h.size):
-        out[i] = f16_bits_to_f32(h[i])
+        out[i] = bf16_bits_to_f32(h[i]) if bf16 else f16_bits_to_f32(h[i])
 
 
 @nb.njit(cache=True, parallel=True)
-def _f32_to_f16_array(x, out):
+def _f32_to_bits_array(x, bf16, out):
+    """float32[n] -> uint16[n] ``out`` f16 (``bf16=False``) or bf16 bit patterns."""
     for i in nb.prange(x.size):
-        out[i] = f32_to_f16_bits(x[i])
+        out[i] = f32_to_bf16_bits(x[i]) if bf16 else f32_to_f16_bits(x[i])
+
+
+def _convert(a: np.ndarray, in_dtype, out_dtype, bf16: bool) -> np.ndarray:
+    """Convert ``a`` (any shape/strides) into a new ``out_dtype`` array of the same shape."""
+    a = np.ascontiguousarray(a, dtype=in_dtype)
+    out = np.empty(a.shape, out_dtype)
+    (_bits_to_f32_array if out_dtype == np.float32 else _f32_to_bits_array)(a.reshape(-1), bf16, out.reshape(-1))
+    return out
 
 
 def f16_bits_to_f32_array(h: np.ndarray) -> np.ndarray:
     """uint16[...] f16 bit patterns -> float32[...] (same shape), ggml semantics."""
-    h = np.ascontiguousarray(h, dtype=np.uint16)
-    out = np.empty(h.shape, np.float32)
-    _f16_to_f32_array(h.reshape(-1), out.reshape(-1))
-    return out
+    return _convert(h, np.uint16, np.float32, False)
 
 
 def f32_to_f16_bits_array(x: np.ndarray) -> np.ndarray:
     """float32[...] -> uint16[...] f16 bit patterns (same shape), F16C/ggml CPU semantics."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    out = np.empty(x.shape, np.uint16)
-    _f32_to_f16_array(x.reshape(-1), out.reshape(-1))
-    return out
+    return _convert(x, np.float32, np.uint16, False)
+
+
+def bf16_bits_to_f32_array(h: np.ndarray) -> np.ndarray:
+    """uint16[...] bf16 bit patterns (any strides) -> float32[...] (same shape, a new array), as ggml."""
+    return _convert(h, np.uint16, np.float32, True)
+
+
+def f32_to_bf16_bits_array(x: np.ndarray) -> np.ndarray:
+    """float32[...] -> uint16[...] bf16 bit patterns (same shape), round-half-even as ggml_compute_fp32_to_bf16."""
+    return _convert(x, np.float32, np.uint16, True)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import os
 import numba as nb
 import numpy as np
 
-from .rows import is_quantized
+from .types import is_quantized
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""ggml KV-cache row types, sizes and the public (de)quantization API (semantics: see kvmerge_local.codec).
+"""The public ggml KV-cache row (de)quantization API (semantics: see kvmerge_local.codec; the type table: ``.types``).
 
 All calls validate shapes/dtypes here and run the Numba kernels of ``_kernels``. Output row ``i`` of the gather /
 head variants is elements ``[heads[i]*seg, (heads[i]+1)*seg)`` of cache row ``rows[i]``.
@@ -12,19 +12,10 @@ import numpy as np
 
 from ._kernels import (_deq_bf16, _deq_f16, _deq_f32, _deq_q4_0, _deq_q8_0, _q_bf16, _q_f16, _q_f32, _q_q4_0,
                        _q_q8_0)
+from .types import (GGML_TYPE_BF16, GGML_TYPE_F16, GGML_TYPE_F32, GGML_TYPE_Q8_0, QK, QUANTIZED_TYPES,  # noqa: F401
+                    is_quantized, n_elems_of_row, row_bytes, type_name)
 
 log = logging.getLogger(__name__)
-
-# ggml_type ids (ggml/include/ggml.h, enum ggml_type)
-GGML_TYPE_F32 = 0
-GGML_TYPE_F16 = 1
-GGML_TYPE_Q4_0 = 2
-GGML_TYPE_Q8_0 = 8
-GGML_TYPE_BF16 = 30
-
-QK = 32  # elements per q4_0 / q8_0 block
-Q8_0_BLOCK_BYTES = 34
-Q4_0_BLOCK_BYTES = 18
 
 Q8_VARIANT_X86 = 0   # ggml-cpu/arch/x86/quants.c quantize_row_q8_0 (AVX/AVX2/AVX-512)
 Q8_VARIANT_REF = 1   # ggml-quants.c quantize_row_q8_0_ref (ggml_quantize_chunk, scalar builds)
@@ -37,50 +28,6 @@ elif _MACHINE in ("aarch64", "arm64"):
     DEFAULT_Q8_VARIANT = Q8_VARIANT_NEON
 else:
     DEFAULT_Q8_VARIANT = Q8_VARIANT_REF
-
-_TYPE_NAMES = {GGML_TYPE_F32: "f32", GGML_TYPE_F16: "f16", GGML_TYPE_Q4_0: "q4_0",
-               GGML_TYPE_Q8_0: "q8_0", GGML_TYPE_BF16: "bf16"}
-QUANTIZED_TYPES = (GGML_TYPE_Q4_0, GGML_TYPE_Q8_0)
-
-
-def type_name(type_id: int) -> str:
-    """ggml's name of a supported type id ('f16', 'q8_0', ...); ValueError if unsupported."""
-    try:
-        return _TYPE_NAMES[int(type_id)]
-    except KeyError:
-        raise ValueError(f"unsupported ggml type id {type_id}") from None
-
-
-def is_quantized(type_id: int) -> bool:
-    """True for the block-quantized types (q4_0, q8_0), like ggml_is_quantized."""
-    return int(type_id) in QUANTIZED_TYPES
-
-
-def row_bytes(type_id: int, n_elems: int) -> int:
-    """Bytes of one row of ``n_elems`` elements of ggml type ``type_id`` (like ggml_row_size)."""
-    t = int(type_id)
-    type_name(t)
-    if t == GGML_TYPE_F32:
-        return 4 * n_elems
-    if t in (GGML_TYPE_F16, GGML_TYPE_BF16):
-        return 2 * n_elems
-    if n_elems % QK:
-        raise ValueError(f"{type_name(t)} rows need a multiple of {QK} elements, got {n_elems}")
-    return (n_elems // QK) * (Q8_0_BLOCK_BYTES if t == GGML_TYPE_Q8_0 else Q4_0_BLOCK_BYTES)
-
-
-def n_elems_of_row(type_id: int, n_row_bytes: int) -> int:
-    """Elements in a row of ``n_row_bytes`` bytes of ggml type ``type_id`` (inverse of :func:`row_bytes`)."""
-    t = int(type_id)
-    per = {GGML_TYPE_F32: (4, 1), GGML_TYPE_F16: (2, 1), GGML_TYPE_BF16: (2, 1),
-           GGML_TYPE_Q8_0: (Q8_0_BLOCK_BYTES, QK), GGML_TYPE_Q4_0: (Q4_0_BLOCK_BYTES, QK)}
-    if t not in per:
-        raise ValueError(f"unsupported ggml type id {type_id}")
-    nbytes, nel = per[t]
-    if n_row_bytes % nbytes:
-        raise ValueError(f"{n_row_bytes} bytes is not a whole number of {type_name(t)} blocks")
-    return n_row_bytes // nbytes * nel
-
 
 # --------------------------------------------------------------------------------------------------------------
 # dispatch

@@ -14,7 +14,9 @@ from .cam import CaM
 from .full import Full
 from .h2o import H2O
 from .kvmerger import KVMerger
+from .kvmerger_budget import KVMergerBudget
 from .kvzip import KVzip
+from .skip_layers import SkipLayers
 from .snapkv import SnapKV
 from .streaming_llm import StreamingLLM
 from .tova import TOVA
@@ -32,11 +34,11 @@ REGISTRY: dict[str, Method] = {
     "cam+snapkv": CaM(base=SnapKV()),
     "kvmerger": KVMerger(),
     "kvmerger+size": KVMerger(value_scale="size"),
-    "kvmerger+budget": KVMerger(mode="budget"),
+    "kvmerger+budget": KVMergerBudget(),
     "kvmerger+sigma5": KVMerger(sigma=5.0),
-    "kvmerger+skip": KVMerger(skip_layers=(0, 1, -1)),
+    "kvmerger+skip": SkipLayers(base=KVMerger(), layers=(0, 1, -1)),
     "kvzip": KVzip(),
-    "kvmerger+kvzip": KVMerger(mode="budget", evidence="reconstruct", k_top=0.8),
+    "kvmerger+kvzip": KVMergerBudget(evidence="reconstruct", k_top=0.8),
 }
 REGISTRY["cam"] = REGISTRY["cam+streaming_llm"]
 
@@ -44,7 +46,8 @@ REGISTRY["cam"] = REGISTRY["cam+streaming_llm"]
 def get_method(name: str, **params) -> Method:
     """A fresh instance of registry entry ``name`` with ``params`` overridden (validated).
 
-    For ``cam+<base>`` entries, parameters that CaM does not have are passed to the base method.
+    For wrapper presses (``cam+<base>``, ``kvmerger+skip``), parameters the wrapper does not have are passed to
+    its ``base`` method.
     Raises ValueError for an unknown name or parameter, or an invalid value.
     """
     if name not in REGISTRY:
@@ -53,7 +56,7 @@ def get_method(name: str, **params) -> Method:
     own = {f.name for f in dataclasses.fields(proto)}
     mine = {k: v for k, v in params.items() if k in own}
     rest = {k: v for k, v in params.items() if k not in own}
-    if rest and isinstance(proto, CaM) and "base" not in mine:
+    if rest and isinstance(getattr(proto, "base", None), Method) and "base" not in mine:
         base_fields = {f.name for f in dataclasses.fields(proto.base)}
         unknown = sorted(set(rest) - base_fields)
         if not unknown:
@@ -82,4 +85,5 @@ def _short(m: Method) -> str:
 
 
 __all__ = ["DEFAULT_METHOD", "REGISTRY", "get_method", "describe_methods", "resolve_budget", "protected_counts", "EVIDENCE_KINDS",
-           "Method", "Selection", "Full", "StreamingLLM", "H2O", "SnapKV", "TOVA", "CaM", "KVMerger", "KVzip"]
+           "Method", "Selection", "Full", "StreamingLLM", "H2O", "SnapKV", "TOVA", "CaM", "KVMerger", "KVMergerBudget",
+           "SkipLayers", "KVzip"]

@@ -14,6 +14,8 @@ from .full import Full
 from .h2o import H2O
 from .kvzip import KVzip
 from .kvmerger import KVMerger
+from .kvmerger_budget import KVMergerBudget
+from .skip_layers import SkipLayers
 from .snapkv import SnapKV
 from .streaming_llm import StreamingLLM
 from .tova import TOVA
@@ -49,18 +51,19 @@ def reference_plan(method: Method, keys, values, positions, evidence, m: int) ->
     if isinstance(method, CaM):
         keep = reference_select(method.base, k, pos, ev, m)
         return R.cam_plan(keep, ev, method.draws(ev.shape), method.merge_budget, pos)
-    if isinstance(method, KVMerger):
+    skip = method.skipped(L) if isinstance(method, SkipLayers) else np.zeros(L, bool)
+    merger = method.base if isinstance(method, SkipLayers) else method
+    if isinstance(merger, KVMerger):
         ev = np.zeros((L, H, N), np.float32) if ev is None else ev
-        s, r, kt = method.counts(m)
+        s, r, kt = merger.counts(m)
         prot = R.protected_mask(ev, s, r, kt)
-        if method.mode == "threshold":
-            start, end = R.threshold_runs(R.adjacent_cosine(k), prot, ev, m, method.epsilon)
+        if isinstance(merger, KVMergerBudget):
+            start, end = R.budget_runs(k, prot, ev, m, merger.epsilon, merger.refuse_below_epsilon)
         else:
-            start, end = R.budget_runs(k, prot, ev, m, method.epsilon, method.refuse_below_epsilon)
-        skip = method.skipped(L)
+            start, end = R.threshold_runs(R.adjacent_cosine(k), prot, ev, m, merger.epsilon)
         if skip.any():
-            sel = reference_select(SnapKV(window=method.window), k[skip], pos[skip], ev[skip], m)
+            sel = reference_select(SnapKV(window=merger.window), k[skip], pos[skip], ev[skip], m)
             start[skip], end[skip] = sel, sel + 1
-        rms = method.sigma == "rms"
-        return R.gaussian_plan(k, ev, pos, start, end, 0.0 if rms else float(method.sigma), rms, method.value_scale == "size")
+        rms = merger.sigma == "rms"
+        return R.gaussian_plan(k, ev, pos, start, end, 0.0 if rms else float(merger.sigma), rms, merger.value_scale == "size")
     return plan_from_indices(reference_select(method, k, pos, ev, m), pos, N)
