@@ -60,7 +60,7 @@ def _runtime_files() -> list[Path]:
 def test_pyproject_lists_every_runtime_folder_and_maps_ui():
     st = _setuptools()
     assert st["package-dir"] == {"kvmerge_local.ui": "ui"}
-    folders = {_module(p.parent / "__init__.py") for p in _runtime_files()}
+    folders = {_module(p.parent / "__init__.py") for p in _runtime_files()} | {"kvmerge_local.data"}
     assert set(st["packages"]) == folders, "pyproject.toml [tool.setuptools] packages must list every code folder"
     assert not (ROOT / "kvmerge_local" / "ui").exists(), "ui/ lives at the top of the repository"
 
