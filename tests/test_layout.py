@@ -3,11 +3,13 @@
 - pyproject.toml lists every folder of runtime code as a package, and installs ``ui/`` as ``kvmerge_local.ui``;
 - the runtime package (``kvmerge_local/`` and ``ui/``) never imports pytest, the test toolkit (``tests/support``,
   imported as ``support``) or the training code (``train/``), which are not installed;
-- inside the runtime package only the CLI imports the UI.
+- inside the runtime package only the CLI imports the UI;
+- every document the code and the docs cite (``docs/ALGORITHMS.md``, ``docs/LLAMA_CPP.md``, ...) exists.
 """
 from __future__ import annotations
 
 import ast
+import re
 import tomllib
 from pathlib import Path
 
@@ -88,3 +90,21 @@ def test_the_import_scan_sees_forbidden_imports_in_every_form():
     assert {"numpy", "kvmerge_local.errors", "kvmerge_local.quality.harness", "pytest", "support.reference",
             "train.data"} <= found
     assert _module(ROOT / "ui" / "app.py") == "kvmerge_local.ui.app"
+
+
+#: a cited document: an upper-case ``NAME.md``, optionally with a folder (``docs/ALGORITHMS.md``)
+_CITED = re.compile(r"(?<![\w/.-])((?:[\w.-]+/)*[A-Z][A-Z0-9_]*\.md)\b")
+
+
+def test_cited_documents_exist():
+    files = [p for top in ("kvmerge_local", "ui", "train", "scripts", "benchmarks", "tests", "docs")
+             for p in (ROOT / top).rglob("*") if p.suffix in (".py", ".md", ".sh") and p != Path(__file__)]
+    files += [ROOT / "README.md", ROOT / "Makefile", ROOT / "pyproject.toml"]
+    missing = set()
+    for f in files:
+        for name in _CITED.findall(f.read_text(encoding="utf-8")):
+            if not ((ROOT / name).is_file() or (f.parent / name).is_file()):
+                missing.add(f"{f.relative_to(ROOT)}: {name}")
+    assert not missing, f"cited documents that are not in the repository: {sorted(missing)}"
+    assert _CITED.findall("see ALGORITHMS.md and docs/LLAMA_CPP.md, not results.md") == ["ALGORITHMS.md",
+                                                                                       "docs/LLAMA_CPP.md"]

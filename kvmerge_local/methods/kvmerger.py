@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class KVMerger(Method):
-    """KVMerger as fixed by ALGORITHMS.md (paper Algorithm 1 and the Gaussian merging function).
+    """KVMerger as fixed by docs/ALGORITHMS.md (paper Algorithm 1 and the Gaussian merging function).
 
     1. Protected singletons: first ``n_sink``, last ``n_recent`` and the ``k_top`` highest-evidence
        cells (int count, or a float in (0, 1) = fraction of ``m``), clipped to fit ``m``.
