@@ -45,9 +45,10 @@ test: setup browser
 demo: setup
 	$(PY) -m kvmerge_local.cli demo
 
+# the speed benchmarks (benchmarks/speed/); the quality benchmark is `kvmerge-local bench ... --out DIR`
 bench: setup
-	$(PY) bench/bench_bridge.py
-	$(PY) bench/bench_methods.py
+	$(PY) benchmarks/speed/bench_bridge.py
+	$(PY) benchmarks/speed/bench_methods.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

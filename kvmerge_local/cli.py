@@ -286,7 +286,7 @@ def cmd_demo(a) -> int:
 
 def cmd_ui(a) -> int:
     try:
-        from ui.app import launch  # noqa: PLC0415
+        from kvmerge_local.ui.app import launch  # noqa: PLC0415
     except ImportError as exc:
         raise KVMergeError(f"the web UI is not available ({exc}); run from the kvmerge-local checkout "
                            "(the ui/ package lives at its root) with gradio installed") from exc
@@ -296,9 +296,9 @@ def cmd_ui(a) -> int:
 
 def cmd_bench(a) -> int:
     try:
-        from .bench.cli import main as bench_main  # noqa: PLC0415
+        from .quality.cli import main as bench_main  # noqa: PLC0415
     except ImportError as exc:
-        raise KVMergeError(f"`kvmerge-local bench` is not available yet (kvmerge_local.bench.cli: {exc})") from exc
+        raise KVMergeError(f"`kvmerge-local bench` is not available yet (kvmerge_local.quality.cli: {exc})") from exc
     return int(bench_main(a.args) or 0)
 
 
@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--host", default="127.0.0.1")
     u.add_argument("--port", type=int, default=None)
     u.set_defaults(func=cmd_ui)
-    b = sub.add_parser("bench", help="benchmarks (kvmerge_local.bench)")
+    b = sub.add_parser("bench", help="benchmarks (kvmerge_local.quality)")
     b.add_argument("args", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
     return p

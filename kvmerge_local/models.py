@@ -199,7 +199,7 @@ DEFAULT_MODEL_FILE = "kvmerge-tiny.gguf"
 
 def default_model() -> Path:
     """The embedded default model: ``kvmerge_local/data/kvmerge-tiny.gguf`` (written by
-    ``kvmerge_local.train.export``), else any other model GGUF there (the vocab-only file excluded)."""
+    ``train.export``), else any other model GGUF there (the vocab-only file excluded)."""
     found = sorted(p for p in DATA_DIR.glob("*.gguf") if p.name not in _NON_MODELS)
     if not found:
         raise ModelError(f"no embedded default model: {DATA_DIR / DEFAULT_MODEL_FILE} is missing (the trained "

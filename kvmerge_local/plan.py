@@ -83,7 +83,7 @@ class Plan:
         return bool(np.all(self.src.reshape(L, H, m) == np.arange(m)) and np.all(self.wk == 1) and np.all(self.wv == 1))
 
     def carry_evidence(self, evidence: np.ndarray) -> np.ndarray:
-        """float32[L, H, m]: evidence for the compacted cells (ALGORITHMS.md: a kept cell carries its own,
+        """float32[L, H, m]: evidence for the compacted cells (docs/ALGORITHMS.md: a kept cell carries its own,
         a merged cell the sum of its members').  Members are the sources with a non-zero key weight, so
         CaM's value-only merges do not move evidence.  ``evidence``: float[L, H, n_in]."""
         L, H, m = self.pos.shape

@@ -5,8 +5,8 @@
     python scripts/eval_tiny.py --n 250 --write-json # and record the result in kvmerge-tiny.json
     python scripts/eval_tiny.py --tasks FILE.jsonl   # a task file in the benchmark's format
 
-Tasks are generated with :func:`kvmerge_local.train.data.generate_tasks` from the held-out part of the machine's
-text (files never used in training) with a seed that training never used, lengths counted by llama.cpp's
+Tasks are generated with :func:`kvmerge_local.quality.tasks.generate_tasks` (the quality bench's generator)
+from the held-out part of the machine's text (files never used in training) with a seed that training never used, lengths counted by llama.cpp's
 tokenizer.  No torch needed.
 """
 from __future__ import annotations
@@ -19,10 +19,14 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # train/ is not installed: import it from this checkout
 
-from kvmerge_local.train import data, llama_eval  # noqa: E402
+from kvmerge_local.quality import tasks as data  # noqa: E402
+from kvmerge_local.quality.harness import load_tasks  # noqa: E402
+from train import llama_eval  # noqa: E402
 
-DATA = Path(__file__).resolve().parent.parent / "kvmerge_local" / "data"
+DATA = ROOT / "kvmerge_local" / "data"
 EVAL_SEED = 20261122
 
 
@@ -42,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.tasks:
-        records = data.read_jsonl(args.tasks)
+        records = load_tasks(args.tasks)
     else:
         from kvmerge_local.bridge import LlamaModel
 

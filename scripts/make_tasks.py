@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """Write the benchmark's default task set and held-out perplexity texts (seeded, reproducible on one machine).
 
-    python scripts/make_tasks.py                       # bench/tasks/default.jsonl + bench/tasks/ppl.jsonl
+    python scripts/make_tasks.py                       # benchmarks/quality/tasks/{default,ppl}.jsonl
     python scripts/make_tasks.py --n-per-task 40 --min-tokens 2048 --max-tokens 4000 --out my.jsonl
 
-Tasks come from :func:`kvmerge_local.train.data.generate_tasks` (the trainer's generator: niah_single,
-niah_multikey, variable_tracking, multi_hop, qa_filler) with filler from the HELD-OUT part of the machine's text
-(files the trainer never reads) and a seed no training or evaluation run uses (training 1234, its evaluation
+Tasks come from :func:`kvmerge_local.quality.tasks.generate_tasks` (the quality bench's generator, which the
+trainer also uses: niah_single, niah_multikey, variable_tracking, multi_hop, qa_filler) with filler from the
+HELD-OUT part of the machine's text (files the trainer never reads) and a seed no training or evaluation run uses (training 1234, its evaluation
 1241, scripts/eval_tiny.py 20261122).  Lengths are counted with llama.cpp's tokenizer of the model.
 Perplexity texts: paragraphs of held-out text of about ``--ppl-tokens`` tokens each.  No torch needed.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from kvmerge_local.train import data  # noqa: E402
+from kvmerge_local.quality import tasks as data  # noqa: E402
 
 log = logging.getLogger("make_tasks")
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-tokens", type=int, default=1024)
     ap.add_argument("--max-tokens", type=int, default=3072)
     ap.add_argument("--seed", type=int, default=BENCH_SEED)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "tasks" / "default.jsonl")
-    ap.add_argument("--ppl-out", type=Path, default=ROOT / "bench" / "tasks" / "ppl.jsonl")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "quality" / "tasks" / "default.jsonl")
+    ap.add_argument("--ppl-out", type=Path, default=ROOT / "benchmarks" / "quality" / "tasks" / "ppl.jsonl")
     ap.add_argument("--ppl-n", type=int, default=12, help="perplexity texts (0: none)")
     ap.add_argument("--ppl-tokens", type=int, default=1536)
     args = ap.parse_args(argv)

@@ -1,7 +1,7 @@
-"""Shared pytest setup. Keep minimal; fixtures live in kvmerge_local.testing.fixtures."""
+"""Shared pytest setup. Keep minimal; fixtures live in support.fixtures."""
 import os
 
 # Before llama_cpp (and its OpenMP runtime) can load: spin-waiting threads make decodes erratic on small VMs.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-pytest_plugins = ["kvmerge_local.testing.fixtures"]
+pytest_plugins = ["support.fixtures"]

@@ -1,6 +1,6 @@
 """Every accepted GGUF architecture on real llama.cpp, and every refused family by name.
 
-Accepted (``SUPPORTED_ARCHS``): each has a tiny model (:mod:`kvmerge_local.testing.tiny_arch`) and must
+Accepted (``SUPPORTED_ARCHS``): each has a tiny model (:mod:`kvmerge_local.tiny.arch`) and must
 (1) cache exactly the post-RoPE keys the NumPy reference computes with that architecture's RoPE pairing,
 biases and Q/K norms, (2) survive a no-op compaction bit for bit, (3) re-index through the engine's path
 (``DocumentCache.compact(reindex=True)`` -> ``KVBridge.compact``, what ``Session`` runs with ``position_policy="reindex"``) to the
@@ -21,9 +21,9 @@ from kvmerge_local.bridge.rope import RopeParams, segment_shifts
 from kvmerge_local.engine.cache import DocumentCache
 from kvmerge_local.errors import ModelError
 from kvmerge_local.methods.base import plan_from_indices
-from kvmerge_local.testing import reference as ref
-from kvmerge_local.testing.tiny_arch import ARCH_SPECS, TINY_ARCHS, make_refused_gguf
-from kvmerge_local.testing.tiny_model import load_weights, make_bad_gguf
+from support import reference as ref
+from kvmerge_local.tiny.arch import ARCH_SPECS, TINY_ARCHS, make_refused_gguf
+from kvmerge_local.tiny.model import load_weights, make_bad_gguf
 
 pytestmark = pytest.mark.llama
 

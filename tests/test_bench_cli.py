@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from kvmerge_local.bench import harness as h
-from kvmerge_local.bench.cli import main as bench_main
+from kvmerge_local.quality import harness as h
+from kvmerge_local.quality.cli import main as bench_main
 from kvmerge_local.cli import main as top_main
 
 WORDS = "the river runs north past the stone house where light falls on paper and old mill".split()

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from kvmerge_local.bench import harness as h
-from kvmerge_local.bench import perplexity as ppl
+from kvmerge_local.quality import harness as h
+from kvmerge_local.quality import perplexity as ppl
 
 
 def test_normalize_and_score():

@@ -9,7 +9,7 @@ import pytest
 from kvmerge_local.bridge import LlamaContext, LlamaModel, _lib
 from kvmerge_local.errors import ModelError, PatchMissingError
 from _bridge_util import GQA_MODEL
-from kvmerge_local.testing.tiny_model import make_bad_gguf
+from kvmerge_local.tiny.model import make_bad_gguf
 
 pytestmark = pytest.mark.llama
 

@@ -6,7 +6,7 @@ import pytest
 
 from _bridge_util import GQA_MODEL, prompt_tokens, random_plan
 from kvmerge_local.bridge import KVBridge, LlamaContext, LlamaModel
-from kvmerge_local.testing import reference as ref
+from support import reference as ref
 
 pytestmark = pytest.mark.llama
 TOL = 2e-3

@@ -7,8 +7,8 @@ import pytest
 from _bridge_util import GQA_MODEL, prompt_tokens, random_plan, rel_err
 from kvmerge_local.bridge import KVBridge, LlamaContext, LlamaModel, apply_plan_to_state, new_state, parse_state
 from kvmerge_local.errors import KVMergeError, UnsupportedCacheError
-from kvmerge_local.testing import reference as ref
-from kvmerge_local.testing.tiny_model import load_weights
+from support import reference as ref
+from kvmerge_local.tiny.model import load_weights
 
 pytestmark = pytest.mark.llama
 

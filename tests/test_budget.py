@@ -47,7 +47,7 @@ def test_cli_refuses_an_out_of_range_budget_before_opening_a_model(tmp_path, cap
 
 
 def test_ui_settings_refuse_an_out_of_range_budget():
-    from ui.choices import Settings
+    from kvmerge_local.ui.choices import Settings
 
     assert Settings.from_ui(None, "kvmerger", 0.35, "f16", 2048).budget == 0.35
     with pytest.raises(ValueError, match="a fractional budget must be in"):

@@ -61,11 +61,11 @@ def test_models_methods_bench_ui(capsys, monkeypatch):
     assert "kvmerger" in out and "cam+h2o" in out
     assert main(["methods", "--json"]) == 0
     assert {r["name"] for r in json.loads(capsys.readouterr().out)} >= {"full", "kvmerger"}
-    monkeypatch.setitem(sys.modules, "kvmerge_local.bench", None)
-    monkeypatch.setitem(sys.modules, "kvmerge_local.bench.cli", None)  # also when another test imported it
+    monkeypatch.setitem(sys.modules, "kvmerge_local.quality", None)
+    monkeypatch.setitem(sys.modules, "kvmerge_local.quality.cli", None)  # also when another test imported it
     assert main(["bench", "--help-me"]) == 2
     assert "not available yet" in capsys.readouterr().err
-    monkeypatch.setitem(sys.modules, "ui.app", None)
+    monkeypatch.setitem(sys.modules, "kvmerge_local.ui.app", None)
     assert main(["ui"]) == 2
     assert "web UI is not available" in capsys.readouterr().err
 

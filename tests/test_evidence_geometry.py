@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from kvmerge_local.bridge import KVBridge, LlamaContext, LlamaModel
-from kvmerge_local.testing import reference as ref
+from support import reference as ref
 
 pytestmark = pytest.mark.llama
 

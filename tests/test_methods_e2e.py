@@ -8,7 +8,7 @@ import pytest
 from _bridge_util import GQA_MODEL, prompt_tokens, rel_err
 from kvmerge_local.bridge import KVBridge, LlamaContext, LlamaModel
 from kvmerge_local.methods import REGISTRY, resolve_budget
-from kvmerge_local.testing import reference as ref
+from support import reference as ref
 
 pytestmark = pytest.mark.llama
 

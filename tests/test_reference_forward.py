@@ -1,4 +1,4 @@
-"""The NumPy reference forward (kvmerge_local.testing.reference) against real llama.cpp on tiny GGUF models.
+"""The NumPy reference forward (support.reference) against real llama.cpp on tiny GGUF models.
 
 Measured agreement (max |llama.cpp - reference| / max |reference logit|, n_threads=1, CPU), 2-3 layer models,
 prompts of 40-100 tokens: 1e-4 .. 6e-4 with flash attention off and on (the reference emulates the kernel in
@@ -10,12 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvmerge_local.testing.reference import (attention_evidence, decode_many_with_cache, decode_with_cache,
+from support.reference import (attention_evidence, decode_many_with_cache, decode_with_cache,
                                              prefill)
-from kvmerge_local.testing.tiny_model import TinyConfig, load_weights
+from kvmerge_local.tiny.model import TinyConfig, load_weights
 
-pytest.importorskip("llama_cpp")
-from kvmerge_local.testing.llama_runner import LlamaRunner, try_load_model  # noqa: E402
+llama_cpp = pytest.importorskip("llama_cpp")
+from support.llama_runner import LlamaRunner, try_load_model  # noqa: E402
 
 TOL = 2e-3
 

@@ -17,7 +17,7 @@ from kvmerge_local.engine import session as session_mod
 from kvmerge_local.engine.replay import CUE_TOKENS, replay_scores
 from kvmerge_local.errors import KVMergeError
 from kvmerge_local.methods import get_method
-from kvmerge_local.testing import reference as ref
+from support import reference as ref
 
 pytestmark = pytest.mark.llama
 TOL = 2e-3  # as tests/test_bridge_evidence.py: the reference mirrors ggml's roundings, not its summation order

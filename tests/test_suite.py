@@ -7,9 +7,9 @@ import uuid
 
 import pytest
 
-from kvmerge_local.bench import ruler, suite, suite_report
-from kvmerge_local.bench.harness import BenchError, make_method
-from kvmerge_local.bench.suite_cli import read_documents
+from kvmerge_local.quality import ruler, suite, suite_report
+from kvmerge_local.quality.harness import BenchError, make_method
+from kvmerge_local.quality.suite_cli import read_documents
 
 
 def _count(text: str) -> int:

@@ -1,10 +1,13 @@
-"""The task generator and the training-text encoder (no torch): determinism, format, answer spans."""
+"""The quality bench's task generator (kvmerge_local.quality.tasks) and the trainer's text encoder (train/data.py;
+no torch): determinism, format, answer spans."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from kvmerge_local.train import data
+from kvmerge_local.quality import tasks
+from kvmerge_local.quality.harness import load_tasks
+from train import data
 
 FILLER = [f"Paragraph {i} explains how the daemon {w} its files. It reads the settings first. Then it "
           f"starts the workers and waits for them to finish their jobs before exiting." for i, w in
@@ -19,7 +22,7 @@ def corpus() -> data.Corpus:
 def test_word_pools_are_disjoint_single_tokens():
     keys, values = data.word_pools()
     assert len(keys) > 200 and len(values) > 200 and not set(keys) & set(values)
-    vocab = set(data._vocab_tokens()[: data.N_VOCAB])
+    vocab = set(tasks._vocab_tokens()[: data.N_VOCAB])
     assert all("\u2581" + w in vocab for w in keys + values)
 
 
@@ -35,7 +38,7 @@ def test_generate_tasks_is_deterministic_and_well_formed(corpus, tmp_path):
         assert r["answer"] in r["context"]  # the fact is in the context, the question comes after it
         assert r["continuation"].rstrip(".").endswith(" " + r["answer"])
         assert 0.7 * r["n_tokens"] < data.approx_tokens(r["context"] + r["question"]) < 1.3 * r["n_tokens"]
-    assert data.read_jsonl(data.write_jsonl(tmp_path / "t.jsonl", a)) == a
+    assert load_tasks(tasks.write_jsonl(tmp_path / "t.jsonl", a)) == a
 
 
 def test_training_text_spans_cover_the_continuations(corpus):

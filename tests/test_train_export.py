@@ -42,7 +42,7 @@ def _llama_logits(path: Path, tokens: np.ndarray, flash_attn: bool) -> np.ndarra
 
 def _check_against_torch(path: Path, tokens: np.ndarray) -> None:
     torch = pytest.importorskip("torch")
-    from kvmerge_local.train.export import load_gguf_model
+    from train.export import load_gguf_model
 
     model = load_gguf_model(path)
     with torch.no_grad():
@@ -66,8 +66,8 @@ def _prompt(path: Path, n: int = 400) -> np.ndarray:
 
 def test_export_roundtrip_logits_match_torch(tmp_path):
     torch = pytest.importorskip("torch")
-    from kvmerge_local.train.export import export_gguf
-    from kvmerge_local.train.model import LlamaLM, default_config
+    from train.export import export_gguf
+    from train.model import LlamaLM, default_config
 
     torch.manual_seed(0)
     model = LlamaLM(default_config(n_layer=3))  # PyTorch's default (random) init

@@ -69,7 +69,7 @@ def free_port() -> int:
 def served_app(model: Path, docs_dir: Path, **kw: Any) -> Iterator[Any]:
     """The UI serving ``model`` (the real engine) on 127.0.0.1 at a free port; closed afterwards."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    from ui.app import launch
+    from kvmerge_local.ui.app import launch
 
     kw.setdefault("n_threads", 1)
     app = launch(model=str(model), port=free_port(), docs_dir=docs_dir, block=False, quiet=True, **kw)

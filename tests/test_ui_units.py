@@ -11,16 +11,17 @@ import pytest
 from kvmerge_local.defaults import DEFAULT_METHOD
 from kvmerge_local.models import DOCUMENT_MODEL
 
-from ui.choices import (EMBEDDED, Settings, default_model_choice, embedded_model, installed_models, kv_type_choices,
-                        method_choices, model_choices)
-from ui.documents import UploadError, check_upload
-from ui.library import CACHE, META, Library, SavedDoc
-from ui.render import citations_markdown, cited_pages, coverage, gauge_html, plot_html
-from ui.workbench import _with_history
+from kvmerge_local.ui.choices import (EMBEDDED, Settings, default_model_choice, embedded_model, installed_models,
+                                      kv_type_choices, method_choices, model_choices)
+from kvmerge_local.ui.documents import UploadError, check_upload
+from kvmerge_local.ui.library import CACHE, META, Library, SavedDoc
+from kvmerge_local.ui.render import citations_markdown, cited_pages, coverage, gauge_html, plot_html
+from kvmerge_local.ui.workbench import _with_history
 
 
 def test_importing_ui_has_no_side_effects():
-    code = ("import sys, ui, ui.app, ui.render, ui.library, ui.workbench, ui.choices, ui.documents; "
+    code = ("import sys, kvmerge_local.ui, kvmerge_local.ui.app, kvmerge_local.ui.render, kvmerge_local.ui.library, "
+            "kvmerge_local.ui.workbench, kvmerge_local.ui.choices, kvmerge_local.ui.documents; "
             "bad = [m for m in ('llama_cpp', 'kvmerge_local.engine', 'numba') if m in sys.modules]; "
             "import threading; print(bad, threading.active_count())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
@@ -163,7 +164,7 @@ def test_library_lists_complete_entries_newest_first(tmp_path):
 
 
 def test_docs_root_follows_the_environment(tmp_path, monkeypatch):
-    from ui.library import docs_root
+    from kvmerge_local.ui.library import docs_root
 
     monkeypatch.setenv("KVMERGE_DOCS", str(tmp_path / "elsewhere"))
     assert docs_root() == tmp_path / "elsewhere" and Library().root == tmp_path / "elsewhere"
@@ -178,7 +179,7 @@ def test_history_is_carried_when_the_session_lost_it():
 
 
 def test_chat_messages_carry_page_citations_apart_from_the_answer():
-    from ui.app import _messages
+    from kvmerge_local.ui.app import _messages
 
     turns = [{"q": "Who?", "a": "Mara, see page 2.", "cited": [2], "cite": "- page 2: tokens 10–19"},
              {"q": "Why?", "a": "", "cited": [], "cite": ""}]

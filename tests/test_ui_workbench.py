@@ -6,10 +6,10 @@ import pytest
 
 from kvmerge_local.errors import KVMergeError
 from test_ui_support import STORY, make_pdf
-from ui.choices import Settings
-from ui.documents import UploadError
-from ui.library import Library
-from ui.workbench import NoDocumentError, Workbench
+from kvmerge_local.ui.choices import Settings
+from kvmerge_local.ui.documents import UploadError
+from kvmerge_local.ui.library import Library
+from kvmerge_local.ui.workbench import NoDocumentError, Workbench
 
 pytestmark = [pytest.mark.llama, pytest.mark.slow]
 

@@ -37,7 +37,7 @@ _c_float_p = ctypes.POINTER(ctypes.c_float)
 
 
 def _ensure_env() -> None:
-    # OpenMP's default spin-wait makes llama.cpp 10-100x slower on small VMs (LLAMA_CPP_FACTS.md).
+    # OpenMP's default spin-wait makes llama.cpp 10-100x slower on small VMs (docs/LLAMA_CPP.md).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 

@@ -1,6 +1,6 @@
 """Parse and build llama.cpp sequence-state blobs (``llama_state_seq_get_data``) as zero-copy NumPy views.
 
-Layout of one sequence of a plain llama model (unified cache, pinned llama.cpp; LLAMA_CPP_FACTS.md)::
+Layout of one sequence of a plain llama model (unified cache, pinned llama.cpp; docs/LLAMA_CPP.md)::
 
     u32 magic 0xaf143cd8 | i32 seq_id | u32 n_stream
     per stream: u32 cell_count (stream skipped when 0)

@@ -1,4 +1,4 @@
-"""KVMerger merging-set identification (ALGORITHMS.md, KVMerger step 3): consecutive runs of cells.
+"""KVMerger merging-set identification (docs/ALGORITHMS.md, KVMerger step 3): consecutive runs of cells.
 
 Both modes return ``(start, end)`` int32[L, H, m]: slot ``j`` of (l, h) stands for the run of cells
 ``start[l, h, j] : end[l, h, j]`` (ascending, disjoint; cells in no run are evicted).  Protected cells

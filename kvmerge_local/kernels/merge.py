@@ -27,7 +27,7 @@ def csr_offsets(counts: np.ndarray) -> np.ndarray:
 
 @njit(cache=True, parallel=True, fastmath=FAST)
 def gaussian_runs_fill(kflat, kgeom, evidence, positions, start, end, sigma, use_rms, size_scale, offsets, src, wk, wv, pos):
-    """Fill the CSR plan for runs ``start/end`` int32[L, H, m] (KVMerger, ALGORITHMS.md steps 4-7).
+    """Fill the CSR plan for runs ``start/end`` int32[L, H, m] (KVMerger, docs/ALGORITHMS.md steps 4-7).
 
     Pivot ``p`` = the member with the largest ``evidence`` (ties: the newest).  Weights
     ``g_i = exp(-||k_p - k_i||^2 / (2 sigma^2))``, ``w_i = g_i / sum_S g`` (distances summed in float32,

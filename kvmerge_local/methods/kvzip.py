@@ -13,7 +13,7 @@ Parameters keep the paper's / kvpress's names: ``n_sink``, ``chunk_size`` (docum
 pass).  ``step`` is ours: replay queries are decoded ``step`` at a time and the patch sums attention over
 the queries of one decode call, so the score is the max over calls of those sums (``step=1`` is the exact
 max; larger is faster).  Cost: the replay prefills the document a second time (plus ~15 prompt tokens per
-chunk).  See docs/METHODS.md.
+chunk).  See docs/ALGORITHMS.md, section 9.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """``kvmerge-local bench``: accuracy (and perplexity) of every method x budget on a task file.
 
-    kvmerge-local bench --tasks bench/tasks/default.jsonl --methods full,h2o,kvmerger --budgets 0.5,0.35,0.2 \\
-        [--model M] [--n-ctx N] [--limit K] [--max-new-tokens T] [--ppl bench/tasks/ppl.jsonl] --out DIR
+    kvmerge-local bench --tasks benchmarks/quality/tasks/default.jsonl --methods full,h2o,kvmerger \\
+        --budgets 0.5,0.35,0.2 [--model M] [--n-ctx N] [--limit K] [--max-new-tokens T] \\
+        [--ppl benchmarks/quality/tasks/ppl.jsonl] --out DIR
 
 ``full`` runs once (budget 1.0); every other method at every budget.  ``--limit K`` keeps the first K tasks of
 each task type.  Writes DIR/results.json, DIR/results.md and PNG plots (see :mod:`.report`).  Bad arguments
@@ -26,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvmerge-local bench", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="GGUF path or models.txt name (default: the embedded model)")
     p.add_argument("--tasks", required=True, type=Path, help="JSONL: {id, task, context, question, answer} per line "
-                   "(without --tasks, `kvmerge-local bench` runs the real-model RULER-style suite: see bench/suite_cli.py)")
+                   "(without --tasks, `kvmerge-local bench` runs the real-model RULER-style suite: see quality/suite_cli.py)")
     p.add_argument("--methods", default="full,streaming_llm,h2o,snapkv,tova,cam,kvmerger",
                    help="comma-separated method names (kvmerge-local methods; also cam+<selection>)")
     p.add_argument("--budgets", default="0.5,0.35,0.2", help="comma-separated fractions in (0, 1]")
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if a.verbose:  # per-configuration accuracy lines (also under `kvmerge-local bench`, whose root logger is set)
-        logging.getLogger("kvmerge_local.bench").setLevel(logging.INFO)
+        logging.getLogger("kvmerge_local.quality").setLevel(logging.INFO)
     try:
         methods = harness.parse_methods(a.methods)
         budgets = harness.parse_budgets(a.budgets)

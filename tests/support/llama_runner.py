@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bridge import KVBridge, LlamaContext, LlamaModel, parse_state
-from ..bridge.context import llama_can_load
+from kvmerge_local.bridge import KVBridge, LlamaContext, LlamaModel, parse_state
+from kvmerge_local.bridge.context import llama_can_load
 
 logger = logging.getLogger(__name__)
 

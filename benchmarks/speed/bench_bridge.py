@@ -24,7 +24,7 @@ from kvmerge_local.bridge import KVBridge, LlamaContext, LlamaModel, apply_plan_
 from kvmerge_local.bridge import _lib  # noqa: E402
 from kvmerge_local.bridge.state import parse_state  # noqa: E402
 from kvmerge_local.plan import Plan  # noqa: E402
-from kvmerge_local.testing.tiny_model import make_tiny_llama  # noqa: E402
+from kvmerge_local.tiny.model import make_tiny_llama  # noqa: E402
 
 
 def selection_plan(L: int, H: int, N: int, m: int, seed: int = 0) -> Plan:

@@ -2,11 +2,10 @@
 
 ``make_tiny_llama`` writes a random but well-scaled model (RMSNorm, RoPE in llama.cpp's NORM mode, SwiGLU,
 GQA) that llama.cpp loads as ``general.architecture = "llama"`` (or, with ``arch=``, as ``qwen2``/``qwen3``:
-see :mod:`kvmerge_local.testing.tiny_arch`); ``load_weights`` reads any such file back
-into float32 NumPy arrays for :mod:`kvmerge_local.testing.reference`. ``make_bad_gguf`` writes files that
-must be refused: unreadable ones (truncated, bad magic), ones llama.cpp cannot load (unknown architecture,
-missing tensor), and a sliding-window model (``gemma2``) that llama.cpp loads but whose cache the project
-cannot compact.
+see :mod:`kvmerge_local.tiny.arch`); ``load_weights`` reads any such file back into float32 NumPy arrays for
+the NumPy reference forward (``tests/support/reference.py``). ``make_bad_gguf`` writes files that must be
+refused: unreadable ones (truncated, bad magic), ones llama.cpp cannot load (unknown architecture, missing
+tensor), and a sliding-window model (``gemma2``) that llama.cpp loads but whose cache the project cannot compact.
 
 Weight layout (NumPy order, the reverse of ggml's ``ne``): every matrix is ``[out, in]`` so ``y = x @ W.T``;
 ``token_embd`` and ``output`` are ``[n_vocab, d_model]``. Head ``h`` of Q (and of K/V) is rows
@@ -23,7 +22,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .tiny_arch import ARCH_SPECS, OPTIONAL_LAYER_TENSORS, arch_layer_weights, read_optional_layer_tensors, spec
+from .arch import ARCH_SPECS, OPTIONAL_LAYER_TENSORS, arch_layer_weights, read_optional_layer_tensors, spec
 
 logger = logging.getLogger(__name__)
 
@@ -254,7 +253,7 @@ def make_tiny_llama(path: str | Path, *, n_layer: int = 2, n_head: int = 4, n_kv
     """Write a tiny random LLAMA-architecture GGUF to ``path`` and return it as a :class:`~pathlib.Path`.
 
     ``arch`` ("llama", "qwen2", "qwen3") picks the GGUF architecture (tensors, metadata prefix and RoPE
-    pairing as in :mod:`~kvmerge_local.testing.tiny_arch`); the shared weights of a seed are the same for all.
+    pairing as in :mod:`~kvmerge_local.tiny.arch`); the shared weights of a seed are the same for all.
 
     ``weight_type`` is the storage type of the per-layer matrices, ``embed_type`` that of ``token_embd`` and
     ``output`` (the large ``[n_vocab, d_model]`` ones; f16 by default to keep files small). Norm weights are

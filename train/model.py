@@ -1,10 +1,10 @@
 """A small Llama-architecture language model in PyTorch, numerically laid out like llama.cpp's LLAMA graph.
 
-Architecture (what :mod:`kvmerge_local.train.export` writes and llama.cpp runs): token embedding, ``n_layer``
+Architecture (what :mod:`train.export` writes and llama.cpp runs): token embedding, ``n_layer``
 pre-norm blocks (RMSNorm -> attention with GQA and RoPE -> residual; RMSNorm -> SwiGLU FFN -> residual), a final
 RMSNorm and an output projection tied to the token embedding (llama.cpp duplicates ``token_embd`` when the GGUF
 has no ``output.weight``).  RoPE is llama.cpp's ``LLAMA_ROPE_TYPE_NORM``: ADJACENT pairs ``(x[2i], x[2i+1])``
-of each head rotate by ``pos * base**(-2i/head_dim)`` (see :mod:`kvmerge_local.testing.reference`), and GGUF
+of each head rotate by ``pos * base**(-2i/head_dim)`` (see :mod:`support.reference`), and GGUF
 Q/K rows are used as stored, so no HF permutation is involved anywhere.  Query head ``h`` reads KV head
 ``h // (n_head // n_kv_head)``.
 
@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvmerge_local.testing.tiny_model import TinyConfig
+from kvmerge_local.tiny.model import TinyConfig
 
 logger = logging.getLogger(__name__)
 
 
 def default_config(**overrides) -> TinyConfig:
-    """The embedded model's shape as a :class:`~kvmerge_local.testing.tiny_model.TinyConfig` (the fields the
+    """The embedded model's shape as a :class:`~kvmerge_local.tiny.model.TinyConfig` (the fields the
     project's GGUF writer/reader maps to the ``llama.*`` keys): 4 layers, d_model 256, 2 query heads and 1 KV
     head of 128, FFN 704, the 4096-token vocabulary prefix, RoPE base 1e6, context 4096; ``overrides``
     replace fields."""

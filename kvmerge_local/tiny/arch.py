@@ -1,4 +1,4 @@
-"""What the tiny test models of :mod:`kvmerge_local.testing.tiny_model` change per GGUF architecture.
+"""What the tiny test models of :mod:`kvmerge_local.tiny.model` change per GGUF architecture.
 
 Every accepted architecture shares the Llama block (RMSNorm, SwiGLU, GQA, one KV cache of post-RoPE keys);
 they differ in a few tensors and in the RoPE pairing, as llama.cpp builds them (``src/models/<arch>.cpp``,

@@ -1,39 +1,24 @@
 """Full-cache task accuracy of a GGUF model through llama.cpp (the KV bridge); no torch.
 
-For each task record ``{"task", "context", "question", "answer", ...}`` (see :mod:`.data`): tokenize
-``context + question`` as ONE text (with BOS), decode it into an empty cache, then greedy-decode up to
-``max_new_tokens`` tokens, stopping at an end-of-generation token or a newline.  Scored like the benchmark:
-``contains`` = the normalized answer occurs (as whole words) in the normalized output; ``exact`` = the output's
-first word is the answer (for chain-of-thought tasks the answer is the last word before the final stop).
+For each task record ``{"task", "context", "question", "answer", ...}`` (:mod:`kvmerge_local.quality.tasks`):
+tokenize ``context + question`` as ONE text (with BOS), decode it into an empty cache, then greedy-decode up to
+``max_new_tokens`` tokens, stopping at an end-of-generation token or a newline.  Scored by the benchmark's
+one scorer, :func:`kvmerge_local.quality.harness.score`: ``contains`` = the normalized answer occurs (as whole
+words) in the normalized output; ``exact`` = the normalized output equals the normalized answer (so a chain of
+thought said aloud before the answer counts for ``contains`` only).
 """
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
+from kvmerge_local.quality.harness import score
+
 logger = logging.getLogger(__name__)
-
-
-def normalize(text: str) -> list[str]:
-    """Lowercase words without punctuation (``"The box, X."`` -> ``["the", "box", "x"]``)."""
-    return re.sub(r"[^a-z0-9 ]+", " ", text.lower()).split()
-
-
-def contains(output: str, answer: str) -> bool:
-    """Whether the answer's normalized words occur contiguously in the normalized output."""
-    o, a = normalize(output), normalize(answer)
-    return bool(a) and any(o[i:i + len(a)] == a for i in range(len(o) - len(a) + 1))
-
-
-def exact(output: str, answer: str) -> bool:
-    """The answer is the whole output's last word (after normalization), e.g. ``" VAR a = v."`` -> ``v``."""
-    o, a = normalize(output), normalize(answer)
-    return bool(o) and o[-len(a):] == a
 
 
 def generate(model, ctx, prompt: str, max_new_tokens: int = 48) -> tuple[str, int, float]:
@@ -80,9 +65,9 @@ def evaluate(model_path: str | Path, records: list[dict], *, n_ctx: int = 4352, 
         with LlamaContext(model, n_ctx=n_ctx, n_batch=512, n_threads=n_threads, flash_attn=flash_attn) as ctx:
             for r in records:
                 out, n_tok, sec = generate(model, ctx, r["context"] + r["question"], max_new_tokens)
+                contains, exact = score(out, r["answer"])
                 rows.append({"id": r["id"], "task": r["task"], "n_tokens": n_tok, "answer": r["answer"],
-                             "output": out, "contains": contains(out, r["answer"]),
-                             "exact": exact(out, r["answer"]), "seconds": round(sec, 3)})
+                             "output": out, "contains": contains, "exact": exact, "seconds": round(sec, 3)})
     finally:
         model.close()
     groups: dict[str, dict[str, list[dict]]] = {"overall": defaultdict(list), "by_task": defaultdict(list),

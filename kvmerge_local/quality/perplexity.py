@@ -1,7 +1,7 @@
 """Perplexity of held-out natural text with a compressed prefix: compress the prefix, score the suffix.
 
-Text file: JSONL lines ``{"id", "text"}`` (``scripts/make_tasks.py`` writes ``bench/tasks/ppl.jsonl`` from the
-held-out part of the machine's text).  For each text and (method, budget): the text is cut at the paragraph
+Text file: JSONL lines ``{"id", "text"}`` (``scripts/make_tasks.py`` writes ``benchmarks/quality/tasks/ppl.jsonl``
+from the held-out part of the machine's text).  For each text and (method, budget): the text is cut at the paragraph
 break nearest ``prefix_frac`` of its characters; the prefix is ingested (and compressed to the budget, as a
 document is); the suffix's tokens -- tokenized jointly with the prefix by the engine's seam rule, at most
 ``max_suffix_tokens`` -- are decoded after it with logits for every position.  Token ``i+1``'s negative

@@ -1,4 +1,4 @@
-"""Export a trained :class:`~kvmerge_local.train.model.LlamaLM` to a LLAMA-architecture GGUF, and read one back.
+"""Export a trained :class:`~train.model.LlamaLM` to a LLAMA-architecture GGUF, and read one back.
 
 The file: ``general.architecture = "llama"``, the ``llama.*`` hyper-parameters, the tokenizer of the first 4096
 tokens of the Llama-2 SentencePiece vocabulary (``tokenizer.ggml.*`` copied from the vendored vocab GGUF; a
@@ -6,10 +6,10 @@ prefix of that list is itself a valid byte-fallback SPM vocabulary, so llama.cpp
 training did), no ``output.weight`` (llama.cpp then ties the output to ``token_embd``), per-layer matrices and
 the embedding in F16 (about 8 MB for the default 4M-parameter model), norms in F32.  Q/K rows are written as
 trained: the model already uses llama.cpp's adjacent-pair (NORM) RoPE, so no permutation.  Writing and reading
-reuse :mod:`kvmerge_local.testing.tiny_model` (the project's GGUF writer and reader for LLAMA models).
+reuse :mod:`kvmerge_local.tiny.model` (the project's GGUF writer and reader for LLAMA models).
 ``kvmerge.*`` keys record seed and recipe hash.
 
-CLI: ``python -m kvmerge_local.train.export --ckpt CKPT --out kvmerge_local/data/kvmerge-tiny.gguf --json ...``.
+CLI: ``python -m train.export --ckpt CKPT --out kvmerge_local/data/kvmerge-tiny.gguf --json ...``.
 """
 from __future__ import annotations
 
@@ -22,14 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvmerge_local.testing.tiny_model import TinyConfig, TinyLayer, TinyWeights, _read_vocab, _write_gguf, load_weights
+from kvmerge_local.tiny.model import TinyConfig, TinyLayer, TinyWeights, _read_vocab, _write_gguf, load_weights
 
 from .model import LlamaLM
 
 logger = logging.getLogger(__name__)
 
 _TRAIN_DIR = Path(__file__).resolve().parent
-RECIPE_FILES = ("data.py", "model.py", "train.py")
+# the corpus, facts and context assembly the training text is built from live with the benchmark's generator
+RECIPE_FILES = ("data.py", "model.py", "train.py", "../kvmerge_local/quality/tasks.py")
 _LAYER_ATTRS = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_gate", "w_up", "w_down")
 
 
@@ -43,7 +44,7 @@ def recipe_hash(run_meta: dict | None = None) -> str:
 
 
 def to_tiny_weights(model: LlamaLM) -> TinyWeights:
-    """The model as float32 :class:`~kvmerge_local.testing.tiny_model.TinyWeights` (``[out, in]`` matrices,
+    """The model as float32 :class:`~kvmerge_local.tiny.model.TinyWeights` (``[out, in]`` matrices,
     output tied to the embedding), the layout the project's GGUF writer and NumPy reference use."""
     def a(t: torch.Tensor) -> np.ndarray:
         return t.detach().float().cpu().numpy().copy()

@@ -1,6 +1,6 @@
-"""Reproducible CPU training of the embedded default model (run: ``python -m kvmerge_local.train.train``).
+"""Reproducible CPU training of the embedded default model (run: ``python -m train.train``).
 
-Sequences come from :func:`kvmerge_local.train.data.training_text` (dense facts + questions over natural filler,
+Sequences come from :func:`train.data.training_text` (dense facts + questions over natural filler,
 or plain filler) and are tokenized by llama.cpp itself, with the exported vocabulary (the first 4096 Llama-2
 tokens), so training sees exactly the token ids the GGUF will see.  Loss: mean cross-entropy on the answer
 continuations plus ``lm_weight`` times the mean cross-entropy on all other tokens.  A curriculum of stages
@@ -39,7 +39,7 @@ def tokenizer_model():
     """A :class:`~kvmerge_local.bridge.LlamaModel` whose tokenizer is the exported one (a 1-layer random
     model with the same vocabulary, written once to :data:`TOKENIZER_GGUF`)."""
     from kvmerge_local.bridge import LlamaModel  # noqa: PLC0415
-    from kvmerge_local.testing.tiny_model import make_tiny_llama  # noqa: PLC0415
+    from kvmerge_local.tiny.model import make_tiny_llama  # noqa: PLC0415
 
     if not TOKENIZER_GGUF.exists():
         make_tiny_llama(TOKENIZER_GGUF, vocab="llama2-small", n_vocab=data.N_VOCAB, n_layer=1)

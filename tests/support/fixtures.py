@@ -1,13 +1,13 @@
 """Session-scoped pytest fixtures that build tiny GGUF models once per test session.
 
-Loaded through ``pytest_plugins = ["kvmerge_local.testing.fixtures"]`` in ``tests/conftest.py``.
+Loaded through ``pytest_plugins = ["support.fixtures"]`` in ``tests/conftest.py``.
 
-- ``tiny_model_factory(**kwargs) -> Path``: :func:`~kvmerge_local.testing.tiny_model.make_tiny_llama` with
+- ``tiny_model_factory(**kwargs) -> Path``: :func:`~kvmerge_local.tiny.model.make_tiny_llama` with
   those keyword arguments, built once per distinct argument set under a session temp dir (``arch="qwen2"`` or
-  ``"qwen3"`` builds that architecture, see :mod:`~kvmerge_local.testing.tiny_arch`).
+  ``"qwen3"`` builds that architecture, see :mod:`~kvmerge_local.tiny.arch`).
 - ``tiny_weights_factory(**kwargs) -> TinyWeights``: the float32 weights of that model (cached; shared between
   tests, so do not modify the arrays in place).
-- ``bad_gguf_factory(kind) -> Path``: :func:`~kvmerge_local.testing.tiny_model.make_bad_gguf` per kind.
+- ``bad_gguf_factory(kind) -> Path``: :func:`~kvmerge_local.tiny.model.make_bad_gguf` per kind.
 - ``tiny_llama``: path of the default model (2 layers, 4 query heads, 2 KV heads, head_dim 64, Llama-2 vocab);
   ``tiny_llama_small``: the same with the 4096-token ``llama2-small`` vocab (about 10 MB instead of 39 MB).
 """
@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import pytest
 
-from kvmerge_local.testing.tiny_model import TinyWeights, load_weights, make_bad_gguf, make_tiny_llama
+from kvmerge_local.tiny.model import TinyWeights, load_weights, make_bad_gguf, make_tiny_llama
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Aggregation and output of benchmark runs: ``results.json``, ``results.md`` and PNG plots.
 
-Input rows are :func:`~kvmerge_local.bench.harness.answer` dicts with ``method`` and ``budget``.  Aggregated
+Input rows are :func:`~kvmerge_local.quality.harness.answer` dicts with ``method`` and ``budget``.  Aggregated
 rows (one per method x budget x task type, plus ``task == "all"``)::
 
     {"method", "budget", "task", "n", "accuracy", "exact", "t_prefill", "t_compact", "t_decode",

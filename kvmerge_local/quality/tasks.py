@@ -1,4 +1,4 @@
-"""Training text and synthetic long-context tasks (deterministic, seeded); no torch here.
+"""The quality benchmark's task generator: synthetic long-context tasks (deterministic, seeded; NumPy only).
 
 Natural text comes from files on this machine (:func:`load_corpus`: Python stdlib sources, ``/usr/share/doc``,
 man pages with troff stripped), split by a hash of the file path into a training and a held-out part.  Tasks
@@ -14,8 +14,10 @@ token of the Llama-2 vocabulary prefix the model uses, preceded by a cue that en
 - ``qa_filler``: facts with varied relations (``The hometown of KEY is VALUE.``) inside natural paragraphs.
 
 Task records (the benchmark's JSONL format): ``{"id", "task", "context", "question", "answer"}``; the prompt is
-``context + question`` tokenized as ONE text; ``answer`` is the final value word.  :func:`training_text`
-builds dense training sequences (many facts, many questions, character spans of every answer continuation).
+``context + question`` tokenized as ONE text; ``answer`` is the final value word.  ``scripts/make_tasks.py``
+writes the default task files with :func:`generate_tasks`; the trainer of the embedded model (``train/data.py``)
+builds its dense training sequences from the same corpus, facts and :class:`Assembler`.  Task files are read back
+with :func:`kvmerge_local.quality.harness.read_jsonl` / :func:`~kvmerge_local.quality.harness.load_tasks`.
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ _SPACE = "\u2581"
 
 
 def _vocab_tokens() -> list[str]:
-    from kvmerge_local.testing.tiny_model import _read_vocab  # noqa: PLC0415  (gguf reader, read once)
+    from kvmerge_local.tiny.model import _read_vocab  # noqa: PLC0415  (gguf reader, read once)
 
     return list(_read_vocab("llama2-small", N_VOCAB)["tokens"])
 
@@ -347,29 +349,6 @@ def generate_tasks(n: int, seed: int, min_tokens: int = 1024, max_tokens: int = 
     return out
 
 
-def training_text(asm: Assembler, rng: np.random.Generator, n_tokens: int, density: float,
-                  split: str = "train", mix: tuple[float, ...] = DEFAULT_MIX,
-                  supervise_stop: bool = True, hop_verb: str = "contains") -> tuple[str, list[tuple[int, int]]]:
-    """One dense training sequence of ~``n_tokens`` tokens: filler with facts of all task types (``density``
-    facts per 100 tokens; 0 gives plain text), then every question with its answer continuation.  Returns the
-    text and the character spans ``[start, end)`` of the continuations, with ``supervise_stop`` including the
-    newline after each (where the answer loss applies)."""
-    if density <= 0:
-        return asm.context(rng, n_tokens, Facts(), split), []
-    f = dense_facts(rng, n_tokens, word_pools_cached(), density, mix, hop_verb)
-    qa_tokens = sum(approx_tokens(q.question + q.continuation) for q in f.qas)
-    ctx = asm.context(rng, max(64, n_tokens - qa_tokens), f, split)
-    parts, spans, n = [ctx], [], len(ctx)
-    stop = int(supervise_stop)  # a continuation is followed by a newline (the next question's, or a final
-    for q in f.qas:               # one): in the span, the model learns to stop where generation ends
-        parts.append(q.question)
-        n += len(q.question)
-        parts.append(q.continuation)
-        spans.append((n, n + len(q.continuation) + stop))
-        n += len(q.continuation)
-    return "".join(parts) + "\n" * stop, spans
-
-
 _POOLS: tuple[list[str], list[str]] | None = None
 
 
@@ -378,26 +357,6 @@ def word_pools_cached() -> tuple[list[str], list[str]]:
     if _POOLS is None:
         _POOLS = word_pools()
     return _POOLS
-
-
-def encode(tok_model, text: str, spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids int64 ``[T]`` of ``text`` with BOS, tokenized as ONE text by llama.cpp (``tok_model``, a
-    :class:`~kvmerge_local.bridge.LlamaModel`), and a bool ``[T]`` marking tokens that overlap a character span
-    ``[start, end)`` (the text must be ASCII).  Offsets come from the token pieces; SentencePiece's one added
-    leading space is subtracted."""
-    ids = tok_model.tokenize(text, add_bos=True).astype(np.int64)
-    is_ans = np.zeros(len(ids), dtype=bool)
-    if spans:
-        # characters per piece: byte-fallback pieces of one UTF-8 character (e.g. a lone space is the three
-        # bytes of U+2581 here, since id 29871 is outside the vocabulary prefix) count once, on the lead byte
-        lens = np.array([0] + [sum(1 for c in tok_model.piece(int(t)) if not 0x80 <= c < 0xC0) for t in ids[1:]],
-                        dtype=np.int64)
-        end = np.cumsum(lens) - 1
-        start = end - lens
-        for a, b in spans:
-            is_ans |= (end > a) & (start < b) & (lens > 0)
-        is_ans[0] = False
-    return ids, is_ans
 
 
 def llama_token_counter(model) -> Callable[[str], int]:
@@ -413,8 +372,3 @@ def write_jsonl(path: str | Path, records: Iterable[dict]) -> Path:
         for r in records:
             fh.write(json.dumps(r, ensure_ascii=False) + "\n")
     return path
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]

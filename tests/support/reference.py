@@ -15,7 +15,7 @@ What is mirrored (``src/models/llama.cpp``, ``src/llama-graph.cpp``, ``ggml/src/
   probabilities are rounded to f16 before ``P·V`` (non-flash path: ``mul_mat(v_f16, kq)``), and the f32 input
   of every matmul against an F16-stored weight is rounded to f16 (``vec_dot_type`` of F16 is F16).
 - SwiGLU FFN: ``down(silu(gate(x)) * up(x))``; final RMSNorm and ``output`` (or tied ``token_embd``).
-- The other tiny architectures (:mod:`kvmerge_local.testing.tiny_arch`): Q/K/V biases added after the
+- The other tiny architectures (:mod:`kvmerge_local.tiny.arch`): Q/K/V biases added after the
   projections (``qwen2``), a per-head RMSNorm of Q and K before RoPE (``qwen3``), and NEOX RoPE (pairs
   ``(x[i], x[i + head_dim/2])``) for both.
 
@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvmerge_local.testing.tiny_arch import ARCH_SPECS
-from kvmerge_local.testing.tiny_model import TinyLayer, TinyWeights
+from kvmerge_local.tiny.arch import ARCH_SPECS
+from kvmerge_local.tiny.model import TinyLayer, TinyWeights
 
 logger = logging.getLogger(__name__)
 
