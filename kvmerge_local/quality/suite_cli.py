@@ -1,11 +1,14 @@
 """``kvmerge-local bench`` without ``--tasks``: the RULER-style real-model suite in one command.
 
     kvmerge-local bench [--model smollm2-135m-instruct] [--n-per-task 4] [--lengths 1024,2048] \\
-        [--methods full,kvzip,snapkv,...] [--budgets 0.5,0.25] [--prompt chat] --out DIR
+        [--methods full,kvzip,snapkv,...] [--budgets 0.5,0.25] [--prompt chat] \\
+        [--ppl benchmarks/quality/tasks/ppl.jsonl [--ppl-limit K]] --out DIR
 
 Generates the documents (:mod:`.ruler`, seeded; or reads ``--documents FILE``), runs every method x budget
 on every document with a progress bar (:mod:`.suite`: one prefill per document), and writes
-DIR/results.json, DIR/results.md and DIR/retention_vs_budget.png (:mod:`.suite_report`).
+DIR/results.json, DIR/results.md and DIR/retention_vs_budget.png (:mod:`.suite_report`).  With ``--ppl``, the
+same methods and budgets are also scored by the perplexity of held-out natural text continuing a compressed
+prefix (:mod:`.perplexity`).
 """
 from __future__ import annotations
 
@@ -17,8 +20,9 @@ import time
 from pathlib import Path
 
 from ..errors import KVMergeError
-from . import ruler, suite, suite_report
-from .harness import BenchError, make_method, parse_budgets, parse_methods, read_jsonl
+from . import perplexity, ruler, suite, suite_report
+from .harness import BenchError, RunConfig, make_method, parse_budgets, parse_methods, read_jsonl
+from .harness import configs as config_pairs
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="chat", choices=["chat", "raw"])
     p.add_argument("--n-ctx", type=int, default=None, help="default: the longest document + 512")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--ppl", type=Path, default=None, help="JSONL {id, text}: also measure held-out perplexity")
+    p.add_argument("--ppl-limit", type=int, default=None, help="at most this many perplexity texts")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--quiet", action="store_true")
     return p
@@ -77,13 +83,30 @@ def main(argv: list[str] | None = None) -> int:
                 docs = ruler.generate(a.n_per_task, lengths, a.seed, lambda t: len(s.model.tokenize(t)), tasks)
             rows = _run(s, docs, configs, suite.SuiteConfig(prompt=a.prompt), a.quiet)
             label = s.model_label
+        ppl = _perplexity(a, names, budgets, model, n_ctx) if a.ppl else None
         meta = {"model": label, "prompt": a.prompt, "n_ctx": n_ctx, "documents": len(docs),
                 "lengths": a.lengths, "seed": a.seed, "seconds": round(time.perf_counter() - t0, 1)}
-        paths = suite_report.write(a.out, rows, meta)
+        paths = suite_report.write(a.out, rows, meta, ppl)
     except (KVMergeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return suite_report.show(paths)
+
+
+def _perplexity(a, names: list[str], budgets: list[float], model: str, n_ctx: int) -> list[dict]:
+    """Perplexity rows for every (method, budget) on ``--ppl``'s texts (one session per configuration)."""
+    texts = perplexity.load_texts(a.ppl, a.ppl_limit)
+    cfg = RunConfig(model=model, n_ctx=n_ctx, n_threads=a.threads)
+    bar = None
+    if not a.quiet:
+        from tqdm import tqdm  # noqa: PLC0415
+
+        bar = tqdm(total=len(texts) * len(config_pairs(names, budgets)), desc="perplexity", unit="text", file=sys.stderr)
+    try:
+        return perplexity.run(texts, names, budgets, cfg, progress=bar.update if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def read_documents(path: Path) -> list[dict]:

@@ -81,8 +81,9 @@ def _pct(x: float) -> str:
     return "—" if not np.isfinite(x) else f"{100 * x:.0f}"
 
 
-def markdown(agg: dict, meta: dict) -> str:
-    """The report: overall table (accuracy and retention with intervals), then retention per group."""
+def markdown(agg: dict, meta: dict, ppl: list[dict] | None = None) -> str:
+    """The report: overall table (accuracy and retention with intervals), retention per group, then the
+    natural-text perplexity rows (``ppl``: :func:`kvmerge_local.quality.perplexity.run` rows) if given."""
     lines = [f"# Real-model suite: {meta.get('model', '')}", "",
              ", ".join(f"{k}: {v}" for k, v in meta.items() if k != "model"), "",
              "| method | budget | acc % (95% CI) | retention % (95% CI) | questions | docs | cells | compact s |",
@@ -104,6 +105,14 @@ def markdown(agg: dict, meta: dict) -> str:
                 r = cell.get((m, b, c))
                 vals.append("" if r is None else (_pct(r["acc"]) if m == "full" else _pct(r["retention"])))
             lines.append(f"| {m} | {b:g} | " + " | ".join(vals) + " |")
+    if ppl:
+        full = next((r["ppl"] for r in ppl if r["method"] == "full"), None)
+        lines += ["", "## Natural-text perplexity of a continuation after a compressed prefix", "",
+                  f"{ppl[0]['n_texts']} held-out texts, {ppl[0]['tokens']} scored continuation tokens per row.", "",
+                  "| method | budget | perplexity | ÷ full |", "| --- | --- | --- | --- |"]
+        for r in sorted(ppl, key=lambda r: (r["method"] != "full", -r["budget"], r["ppl"])):
+            ratio = f"{r['ppl'] / full:.3f}" if full else ""
+            lines.append(f"| {r['method']} | {r['budget']:g} | {r['ppl']:.3f} | {ratio} |")
     return "\n".join(lines) + "\n"
 
 
@@ -141,15 +150,17 @@ def plots(agg: dict, out: Path) -> list[Path]:
     return paths
 
 
-def write(out: str | Path, rows: list[dict], meta: dict) -> dict:
-    """DIR/results.json (rows, aggregates, meta), DIR/results.md and the PNGs; returns their paths."""
+def write(out: str | Path, rows: list[dict], meta: dict, ppl: list[dict] | None = None) -> dict:
+    """DIR/results.json (rows, aggregates, meta, perplexity rows), DIR/results.md and the PNGs; returns their
+    paths."""
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
     agg = aggregate(rows)
     pj = d / "results.json"
-    pj.write_text(json.dumps({"meta": meta, "aggregate": agg, "rows": rows}, indent=1, default=str))
+    pj.write_text(json.dumps({"meta": meta, "aggregate": agg, "rows": rows, "perplexity": ppl or []}, indent=1,
+                             default=str))
     pm = d / "results.md"
-    pm.write_text(markdown(agg, meta))
+    pm.write_text(markdown(agg, meta, ppl))
     return {"json": pj, "md": pm, "plots": plots(agg, d)}
 
 
