@@ -2,7 +2,10 @@
 needles the full cache answers."""
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -38,6 +41,17 @@ def test_generator_places_every_answer_at_its_depth_and_length():
             assert offs == sorted(offs)  # a deeper needle sits later in the document
     assert ruler.generate(6, [600, 1200], 5, _count) == docs
     assert ruler.generate(6, [600, 1200], 6, _count) != docs
+
+
+_GEN = ("import hashlib, json, sys; from kvmerge_local.quality import ruler; "
+        "print(hashlib.sha256(json.dumps(ruler.generate(2, [600], 5, lambda t: len(t) // 4)).encode()).hexdigest())")
+
+
+def test_generator_does_not_depend_on_the_hash_seed():
+    """The documents are a function of the seed alone: string hashing (set order) is randomised per process."""
+    digests = {subprocess.run([sys.executable, "-c", _GEN], env={**os.environ, "PYTHONHASHSEED": hs},
+                              capture_output=True, text=True, check=True).stdout for hs in ("1", "2", "3")}
+    assert len(digests) == 1, digests
 
 
 def test_score_all_matches_whole_answers_only():

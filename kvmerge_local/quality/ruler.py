@@ -89,10 +89,11 @@ def _value(shape: str, rng: np.random.Generator) -> str:
 
 
 def _keys(rng: np.random.Generator, n: int) -> list[str]:
-    seen: set[str] = set()
+    seen: dict[str, None] = {}  # insertion-ordered: a set's order follows PYTHONHASHSEED, not the seed
     while len(seen) < n:
-        seen.add(f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}")
-    return sorted(seen, key=lambda _: rng.random())
+        seen.setdefault(f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}")
+    keys = list(seen)
+    return [keys[i] for i in rng.permutation(len(keys))]
 
 
 def _needle(key: str, value: str, shape: str) -> str:
