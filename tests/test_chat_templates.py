@@ -56,14 +56,21 @@ def smollm2() -> Path:
 
 
 def _spy_decode(monkeypatch, s) -> list[int]:
+    """The tokens the cache holds, position by position, as fed through ``llama_decode``: tokens the engine
+    decodes and removes again (KVzip's replay, ``KVBridge.remove_from``) are dropped from the list."""
     fed: list[int] = []
-    real = s.ctx.decode
+    real, real_rm = s.ctx.decode, s.bridge.remove_from
 
     def spy(tokens, *a, **k):
         fed.extend(int(t) for t in np.asarray(tokens).ravel())
         return real(tokens, *a, **k)
 
+    def spy_rm(p0, p1=-1):
+        del fed[p0:None if p1 < 0 else p1]
+        return real_rm(p0, p1)
+
     monkeypatch.setattr(s.ctx, "decode", spy)
+    monkeypatch.setattr(s.bridge, "remove_from", spy_rm)
     return fed
 
 
