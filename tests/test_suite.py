@@ -110,8 +110,10 @@ def _needle(session, seed: int, shape: str) -> dict:
 CONFIGS = [("full", make_method("full"), 1.0), ("kvzip", make_method("kvzip"), 0.5)]
 
 
+# On 8 seeds (768-token single needles) KVzip at 50% keeps 6 of the 8 numbers and 3 of the 6 UUIDs the full cache
+# answers; the cases below are kept ones (the product's promise, tested) and one recorded loss of each kind.
 @pytest.mark.llama
-@pytest.mark.parametrize("seed,shape", [(1, "number"), (3, "number"), (1, "word")])
+@pytest.mark.parametrize("seed,shape", [(1, "number"), (3, "number"), (1, "word"), (1, "uuid"), (3, "uuid")])
 def test_compressed_cache_keeps_a_needle_the_full_cache_answers(smollm2, seed, shape):
     rows = {r["method"]: r for r in suite.run_document(smollm2, _needle(smollm2, seed, shape), CONFIGS, suite.SuiteConfig())}
     assert rows["full"]["score"] == 1.0, rows["full"]["output"]
@@ -120,9 +122,19 @@ def test_compressed_cache_keeps_a_needle_the_full_cache_answers(smollm2, seed, s
 
 
 @pytest.mark.llama
-@pytest.mark.xfail(strict=True, reason="known gap: at 50% KVzip loses 36-character UUIDs that the full cache "
-                                       "answers on SmolLM2 (the first ~20 characters survive)")
-def test_compressed_cache_keeps_a_uuid_needle(smollm2):
-    rows = {r["method"]: r for r in suite.run_document(smollm2, _needle(smollm2, 3, "uuid"), CONFIGS, suite.SuiteConfig())}
+@pytest.mark.xfail(strict=True, reason="known gap: KVzip at 50% loses some needles the full cache answers on "
+                                       "SmolLM2 (seed 2's UUID, seed 7's number)")
+@pytest.mark.parametrize("seed,shape", [(2, "uuid"), (7, "number")])
+def test_compressed_cache_loses_some_needles(smollm2, seed, shape):
+    rows = {r["method"]: r for r in suite.run_document(smollm2, _needle(smollm2, seed, shape), CONFIGS, suite.SuiteConfig())}
     assert rows["full"]["score"] == 1.0
     assert rows["kvzip"]["score"] == 1.0
+
+
+@pytest.mark.llama
+def test_a_document_longer_than_the_context_is_refused_not_misread(smollm2):
+    """The suite compares every method with the full cache, so a document must fit uncompressed: a longer one
+    is a clear error (before, the window re-decode ran on a cache the ingest had already compacted)."""
+    doc = ruler.generate(1, [2200], 7, lambda t: len(smollm2.model.tokenize(t)), tasks=("niah_single",))[0]
+    with pytest.raises(BenchError, match="does not fit n_ctx 1536 uncompressed"):
+        suite.prepare(smollm2, doc["context"], need_replay=False)

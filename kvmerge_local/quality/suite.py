@@ -26,6 +26,7 @@ import numpy as np
 
 from ..budget import Budget
 from ..methods import Method
+from .harness import BenchError
 from .ruler import score_all
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,9 @@ def prepare(session, context: str, *, need_replay: bool) -> Prepared:
     t_prefill = time.perf_counter() - t0
     br, ctx, toks = session.bridge, session.ctx, session.cache.tokens
     n = len(toks)
+    if session.cache.n_cells != n:
+        raise BenchError(f"a document of {n} tokens does not fit n_ctx {ctx.n_ctx} uncompressed (the suite compares "
+                         f"every method with the full cache); pass a larger --n-ctx")
     ev = {"all": captured["all"], "none": None}
     w = min(SNAP_WINDOW, n - 1)
     br.enable_evidence(0)

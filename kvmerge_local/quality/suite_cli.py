@@ -73,14 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         if not any(n == "full" for n, _, _ in configs):
             raise BenchError("the suite needs 'full' among the methods (retention is measured against it)")
         model = a.model if a.model is not None else str(default_document_model())
-        n_ctx = a.n_ctx or (max(lengths) + 512 if a.documents is None else 8192)
         t0 = time.perf_counter()
+        docs, n_ctx = _documents(a, model, lengths, tasks)
         with Session.open(model, n_ctx=n_ctx, n_threads=a.threads,
                           chat_format="raw" if a.prompt == "raw" else None) as s:
-            if a.documents is not None:
-                docs = read_documents(a.documents)
-            else:
-                docs = ruler.generate(a.n_per_task, lengths, a.seed, lambda t: len(s.model.tokenize(t)), tasks)
             rows = _run(s, docs, configs, suite.SuiteConfig(prompt=a.prompt), a.quiet)
             label = s.model_label
         ppl = _perplexity(a, names, budgets, model, n_ctx) if a.ppl else None
@@ -91,6 +87,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return suite_report.show(paths)
+
+
+def _documents(a, model: str, lengths: list[int], tasks: tuple[str, ...]) -> tuple[list[dict], int]:
+    """The suite's documents (generated with the model's tokenizer, or ``--documents``) and the n_ctx to run
+    them: ``--n-ctx``, else the longest document in tokens + 512 (room for the questions and KVzip's replay)."""
+    from ..engine import Session  # noqa: PLC0415
+
+    with Session.open(model, n_ctx=512, n_threads=a.threads, method="full", budget=1.0) as s:
+        count = lambda t: len(s.model.tokenize(t))  # noqa: E731
+        docs = read_documents(a.documents) if a.documents is not None else \
+            ruler.generate(a.n_per_task, lengths, a.seed, count, tasks)
+        longest = max(count(d["context"]) for d in docs)
+    return docs, a.n_ctx or longest + 512
 
 
 def _perplexity(a, names: list[str], budgets: list[float], model: str, n_ctx: int) -> list[dict]:
