@@ -94,7 +94,7 @@ def test_smollm2_first_turn_is_the_template_rendered_by_jinja(smollm2, monkeypat
         fed = _spy_decode(monkeypatch, s)
         s.ingest(DOC_TEXT)
         q = QUESTIONS[0]
-        toks, text = s._question(q)
+        toks, text = s.chat.question(q)
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         direct = env.from_string(tmpl).render(messages=[{"role": "user", "content": DOC_TEXT + "\n\n" + q}],
                                               add_generation_prompt=True,
@@ -118,7 +118,7 @@ def test_smollm2_three_turns_feed_the_whole_rendered_conversation(smollm2, monke
             n0 = len(fed)
             answer = "".join(s.ask(q, max_new_tokens=64))
             assert answer and "<|im_end|>" not in answer and "<|im_start|>" not in answer
-            assert s._pending == [im_end]  # generation stopped at the end-of-turn token (not decoded)
+            assert s.chat.pending == [im_end]  # generation stopped at the end-of-turn token (not decoded)
             expect = _tokens(s, s.fmt.render(_messages(DOC_TEXT, turns, q)))
             assert fed[:len(expect)] == expect, f"turn {len(turns) + 1}"
             assert len(fed) > len(expect) >= n0  # then the answer's tokens
@@ -141,14 +141,14 @@ def test_spm_template_seam(tiny_model_factory, template, monkeypatch):
         n_doc = len(fed)
         bos = s.model.info["bos"]
         for i, q in enumerate(QUESTIONS):
-            toks, text = s._question(q)
-            pre = [t for t in s._pending if not s._is_end(t)]
-            cached = s.fmt.doc_head + DOC_TEXT + "".join(t[3] for t in s._tpl_turns)
-            renders = [s.fmt.render(_messages(DOC_TEXT, [(t[0], t[k]) for t in s._tpl_turns], q)) for k in (2, 1)]
+            toks, text = s.chat.question(q)
+            pre = [t for t in s.chat.pending if not s.chat.is_end(t)]
+            cached = s.fmt.doc_head + DOC_TEXT + "".join(t[3] for t in s.chat.shown)
+            renders = [s.fmt.render(_messages(DOC_TEXT, [(t[0], t[k]) for t in s.chat.shown], q)) for k in (2, 1)]
             if any(r.startswith(cached) for r in renders):
                 assert cached + text in renders, f"turn {i + 1}"
             else:  # only Llama-2's ' ' + answer, after an answer without a leading space
-                assert template == LLAMA2 and not all(t[2].startswith(" ") for t in s._tpl_turns)
+                assert template == LLAMA2 and not all(t[2].startswith(" ") for t in s.chat.shown)
                 assert text == s.fmt.later.replace(Q2, q)
             whole, head = _tokens(s, cached + text), _tokens(s, cached)
             assert whole[0] == bos and bos not in whole[1:n_doc]
@@ -157,7 +157,7 @@ def test_spm_template_seam(tiny_model_factory, template, monkeypatch):
             if i == 0:
                 assert fed + [int(t) for t in toks] == whole == _tokens(s, renders[0])
             answer = "".join(s.ask(q, max_new_tokens=3))
-            assert answer == s._tpl_turns[-1][1]
+            assert answer == s.chat.shown[-1][1]
 
 
 def test_template_rewriting_history_falls_back_to_placeholder_layout(tiny_model_factory, caplog):
@@ -166,13 +166,13 @@ def test_template_rewriting_history_falls_back_to_placeholder_layout(tiny_model_
         s.ingest(DOC_TEXT)
         "".join(s.ask(QUESTIONS[0], max_new_tokens=3))
         with caplog.at_level(logging.WARNING, logger="kvmerge_local.engine.conversation"):
-            _, text = s._question(QUESTIONS[1])
-        assert ("rewrites earlier turns" in caplog.text) == (" " in s._tpl_turns[-1][2])
+            _, text = s.chat.question(QUESTIONS[1])
+        assert ("rewrites earlier turns" in caplog.text) == (" " in s.chat.shown[-1][2])
         assert text == "\n<|user|>\n" + QUESTIONS[1] + "\n<|assistant|>\n"
         "".join(s.ask("\nPlain text", max_new_tokens=2, raw=True))  # a raw turn: the template cannot render it
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="kvmerge_local.engine.conversation"):
-            _, text = s._question(QUESTIONS[2])
+            _, text = s.chat.question(QUESTIONS[2])
         assert "a raw turn precedes" in caplog.text and text == s.fmt.later.replace(Q2, QUESTIONS[2])
 
 
@@ -188,8 +188,8 @@ def test_gguf_template_is_the_default_and_named_formats_override(tiny_model_fact
         assert s.fmt.name == "raw"
         with pytest.raises(ChatTemplateError, match="no chat template"):
             detect_format(s.model, "gguf")
-        s.fmt = template_format(s.model, MISTRAL)  # no document: the template's solo turn, BOS once
-        toks = s._question_tokens("Hello?")
+        s.fmt = s.chat.fmt = template_format(s.model, MISTRAL)  # no document: the template's solo turn, BOS once
+        toks = s.chat.question_tokens("Hello?")
         assert list(toks) == _tokens(s, "<s>[INST] Hello? [/INST]") and list(toks).count(s.model.info["bos"]) == 1
 
 

@@ -58,3 +58,19 @@ def test_save_load_file(session, tmp_path):
         DocumentCache.load(path, other)
     with pytest.raises(SavedCacheError, match="another model"):
         DocumentCache.load(path, c.geom, model_sha256="0" * 64, model_label="x")
+
+
+def test_read_meta_reads_the_header_only(session, tmp_path):
+    """What the UI's saved-document list shows comes from the cache file's header: the stats at save time, the
+    document's pages and sizes, and the settings Session.load reopens it with; a broken file is refused."""
+    path = session.save(tmp_path / "doc.kvm")
+    info = DocumentCache.read_meta(path)
+    c = session.cache
+    assert (info.n_cells, info.n_tokens, info.name, info.sha256) == (c.n_cells, c.n_tokens, c.name, c.sha256)
+    assert info.pages == [tuple(p) for p in c.pages]
+    assert info.stats == session.stats.as_dict()
+    assert info.open_kwargs()["n_ctx"] == 256 and info.open_kwargs()["position_policy"] == "reindex"
+    assert info.model_path(path.name) == str(session.model.path.resolve())
+    (tmp_path / "bad.kvm").write_bytes(b"not a cache at all")
+    with pytest.raises(SavedCacheError, match="not a kvmerge-local document cache"):
+        DocumentCache.read_meta(tmp_path / "bad.kvm")

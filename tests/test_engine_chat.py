@@ -40,7 +40,7 @@ def test_llama2_override_first_turn_is_llama2_reference(chat_model):
         q = "When was it built?"
         doc_toks = _joint(s, "[INST] " + DOC)
         whole = _joint(s, "[INST] " + DOC + "\n\n" + q + " [/INST]")
-        got = s._question_tokens(q)
+        got = s.chat.question_tokens(q)
         np.testing.assert_array_equal(np.concatenate([doc_toks, got]), whole)
         naive = s.model.tokenize("\n\n" + q + " [/INST]")
         assert not np.array_equal(naive, got) and len(naive) == len(got) + 1  # the spurious "▁"
@@ -48,7 +48,7 @@ def test_llama2_override_first_turn_is_llama2_reference(chat_model):
         "".join(s.ask(q, max_new_tokens=3))
         # a later turn: </s><s> then "[INST] q [/INST]" encoded on its own (Meta's reference layout)
         q2 = "Who kept the log?"
-        t2 = s._question_tokens(q2)
+        t2 = s.chat.question_tokens(q2)
         eos, bos = s.model.info["eos"], s.model.info["bos"]
         body = s.model.tokenize("[INST] " + q2 + " [/INST]")
         np.testing.assert_array_equal(t2[-len(body):], body)
@@ -62,19 +62,19 @@ def test_raw_format_seam_and_later_turns(raw_model):
         s.ingest(DOC)
         q = "When was it built?"
         whole = _joint(s, DOC + "\n\nQuestion: " + q + "\nAnswer:")
-        got = s._question_tokens(q)
+        got = s.chat.question_tokens(q)
         np.testing.assert_array_equal(whole[-len(got):], got)
         assert len(_joint(s, DOC)) + len(got) == len(whole)
         cue = "\n\nQuestion: Who kept the log?\nAnswer: The keeper was"
-        np.testing.assert_array_equal(s._question_tokens(cue, raw=True), _joint(s, DOC + cue)[len(_joint(s, DOC)):])
+        np.testing.assert_array_equal(s.chat.question_tokens(cue, raw=True), _joint(s, DOC + cue)[len(_joint(s, DOC)):])
         "".join(s.ask(q, max_new_tokens=4))
-        t2 = s._question_tokens("And the keeper?")
+        t2 = s.chat.question_tokens("And the keeper?")
         assert len(t2) > 0 and t2[0] != s.model.tokenize("\n")[0]  # no spurious leading space token
 
 
 def test_question_without_document(raw_model):
     with Session.open(raw_model, n_ctx=256, n_threads=2) as s:
-        toks = s._question_tokens("Hello?")
+        toks = s.chat.question_tokens("Hello?")
         np.testing.assert_array_equal(toks, _joint(s, "Question: Hello?\nAnswer:"))
         answer = "".join(s.ask("Hello?", max_new_tokens=6))
         # the same greedy answer, decoded independently on a fresh context: argmax token by token, stopped at

@@ -137,7 +137,7 @@ def test_corrupt_and_foreign_caches_are_refused(session, tiny_model_factory, tmp
 def test_failed_answer_leaves_state_intact(session, monkeypatch):
     session.ingest(text_of(200))
     answer(session, "First question?", n=4)
-    n_past, turns = session.ctx.n_past, list(session._turns)
+    n_past, turns = session.ctx.n_past, list(session.chat.turns)
     expect = session.peek_logits("Next?")
     real = session.ctx.decode
     calls = {"n": 0}
@@ -152,7 +152,7 @@ def test_failed_answer_leaves_state_intact(session, monkeypatch):
     with pytest.raises(KVMergeError, match="injected"):
         answer(session, "Next?", n=10)
     monkeypatch.setattr(session.ctx, "decode", real)
-    assert session.ctx.n_past == n_past and session._turns == turns
+    assert session.ctx.n_past == n_past and session.chat.turns == turns
     np.testing.assert_array_equal(session.peek_logits("Next?"), expect)
 
 
@@ -164,19 +164,19 @@ def test_multi_turn_drops_old_turns(model_path):
             gen = s.ask(f"Question number {i}?", max_new_tokens=20)
             assert "".join(gen) is not None
             assert s.stats.cells_in_use <= 256
-        assert 1 <= len(s._turns) < 8 and s.stats.doc_cells == doc_cells
+        assert 1 <= len(s.chat.turns) < 8 and s.stats.doc_cells == doc_cells
         # dropped turns leave no gaps: the chat cells sit right after the document, turn after turn
         pos = np.sort(s.bridge.cell_positions())
         doc_end = s.cache.end()
         chat = pos[pos >= doc_end]
         np.testing.assert_array_equal(chat, np.arange(doc_end, doc_end + len(chat)))
-        assert s._turns[0][0] == doc_end and all(a[1] == b[0] for a, b in zip(s._turns, s._turns[1:]))
+        assert s.chat.turns[0][0] == doc_end and all(a[1] == b[0] for a, b in zip(s.chat.turns, s.chat.turns[1:]))
         # a stream closed early keeps its partial turn and the session goes on
         g = s.ask("Partial?", max_new_tokens=20)
         next(iter(g), None)
         g.close()
         s.reset_chat()
-        assert s.stats.cells_in_use == doc_cells and s._turns == []
+        assert s.stats.cells_in_use == doc_cells and s.chat.turns == []
 
 
 def test_bad_inputs_leave_session_usable(session, tmp_path):

@@ -140,21 +140,33 @@ def test_library_lists_complete_entries_newest_first(tmp_path):
     lib = Library(tmp_path / "docs")
     assert lib.list() == []  # no folder yet: nothing created by listing
     assert not (tmp_path / "docs").exists()
+    from kvmerge_local.engine.saved import write_saved
+
     for i, name in enumerate(["old.pdf", "new.txt"]):
         s = Settings(budget=0.5 - 0.25 * i)
+        # meta.json's stats and pages are stale on purpose: the list reads them from the cache file's header
         doc = SavedDoc(key=Library.key_for(f"{i}" * 64, s), name=name, digest=f"{i}" * 64, settings=s,
-                       created=time.time() + i, stats={"tokens_ingested": 100 * (i + 1)}, pages=[(1, 0, 9)])
+                       created=time.time() + i, stats={"tokens_ingested": 7}, pages=[(9, 9, 9)])
         doc.folder = lib.root / doc.key
         doc.folder.mkdir(parents=True)
-        (doc.folder / CACHE).write_bytes(b"cache")
+        cells = np.zeros((1, 1, 3), np.int32)
+        write_saved(doc.folder / CACHE, {"document": {"name": name, "n_tokens": 100 * (i + 1), "pages": [[1, 0, 9]]},
+                                         "stats": {"tokens_ingested": 100 * (i + 1)}},
+                    {"blob": np.zeros(4, np.uint8), "doc_pos": cells, "rope_pos": cells,
+                     "evidence": cells.astype(np.float32)})
         (doc.folder / META).write_text(json.dumps(doc.to_json()))
     (lib.root / "half-saved").mkdir()
     (lib.root / "half-saved" / CACHE).write_bytes(b"x")
     (lib.root / "corrupt").mkdir()
     (lib.root / "corrupt" / META).write_text("{not json")
+    bad = json.loads((doc.folder / META).read_text()) | {"key": "bad-cache"}
+    (lib.root / "bad-cache").mkdir()
+    (lib.root / "bad-cache" / CACHE).write_bytes(b"not a cache")  # meta.json fine, cache unreadable: not listed
+    (lib.root / "bad-cache" / META).write_text(json.dumps(bad))
     listed = lib.list()
     assert [d.name for d in listed] == ["new.txt", "old.pdf"]
     assert listed[1].pages == [(1, 0, 9)] and listed[1].settings == Settings(budget=0.5)
+    assert listed[0].stats == {"tokens_ingested": 200} and listed[1].stats == {"tokens_ingested": 100}
     assert "200 tokens" in listed[0].label() and f"{DEFAULT_METHOD} @ 25%" in listed[0].label()
     assert lib.find("1" * 64, Settings(budget=0.25)).name == "new.txt"
     assert lib.find("1" * 64, Settings(budget=0.5)) is None

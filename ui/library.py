@@ -2,7 +2,11 @@
 
 Layout under :func:`docs_root` (``$KVMERGE_DOCS`` or ``~/.cache/kvmerge-local/docs``): one folder per
 (document bytes, settings) pair, holding ``cache.kvm`` (written by ``Session.save``) and ``meta.json``
-(written last, so a half-saved entry is never listed).
+(written last, so a half-saved entry is never listed).  ``meta.json`` says which upload and settings an entry is
+for (key, name, digest, settings, date); the document's stats and pages shown in the list and the gauge are read
+from the cache file itself, through :meth:`DocumentCache.read_meta
+<kvmerge_local.engine.cache.DocumentCache.read_meta>` (its header only).  ``meta.json`` still records the stats
+and pages it always did, so the files stay as they were.
 """
 from __future__ import annotations
 
@@ -60,10 +64,14 @@ class SavedDoc:
                 "pages": [list(p) for p in self.pages]}
 
     @classmethod
-    def from_json(cls, d: dict, folder: Path) -> "SavedDoc":
+    def from_json(cls, d: dict, folder: Path, info: Any = None) -> "SavedDoc":
+        """The entry in ``meta.json``'s dict ``d``; ``info`` (a :class:`~kvmerge_local.engine.saved.SavedInfo`,
+        the cache file's header) supplies the stats and pages when given."""
+        stats = info.stats if info is not None else d.get("stats", {})
+        pages = info.pages if info is not None else d.get("pages", [])
         return cls(key=str(d["key"]), name=str(d["name"]), digest=str(d["digest"]), created=float(d["created"]),
-                   settings=Settings(**d["settings"]), stats=dict(d.get("stats", {})),
-                   pages=[(int(a), int(b), int(c)) for a, b, c in d.get("pages", [])], folder=folder)
+                   settings=Settings(**d["settings"]), stats=dict(stats),
+                   pages=[(int(a), int(b), int(c)) for a, b, c in pages], folder=folder)
 
 
 class Library:
@@ -77,18 +85,26 @@ class Library:
         return f"{digest[:16]}-{settings.fingerprint()}"
 
     def get(self, key: str) -> SavedDoc | None:
-        """The entry ``key`` when it is complete on disk, else None."""
+        """The entry ``key`` when it is complete on disk and its cache's header reads, else None."""
         if not key or "/" in key or key.startswith("."):
             return None
         folder = self.root / key
         try:
-            doc = SavedDoc.from_json(json.loads((folder / META).read_text()), folder)
+            entry = json.loads((folder / META).read_text())
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError) as e:
             log.warning("ignoring unreadable saved document %s: %s", folder, e)
             return None
-        return doc if doc.cache_path.exists() else None
+        if not (folder / CACHE).exists():
+            return None
+        from kvmerge_local.engine.cache import DocumentCache  # noqa: PLC0415 (importing the UI loads no engine)
+
+        try:
+            return SavedDoc.from_json(entry, folder, DocumentCache.read_meta(folder / CACHE))
+        except (OSError, ValueError, KeyError, TypeError) as e:  # SavedCacheError is a ValueError
+            log.warning("ignoring unreadable saved document %s: %s", folder, e)
+            return None
 
     def find(self, digest: str, settings: Settings) -> SavedDoc | None:
         """The saved cache of these document bytes under these settings, if any."""

@@ -33,7 +33,7 @@ import numpy as np
 from ..bridge import KV_TYPES, KVBridge, KVGeometry, KVState, LlamaContext, float_views, parse_state
 from ..errors import KVMergeError, UnsupportedCacheError
 from ..plan import Plan
-from .saved import SavedCacheError, check_model, read_saved, write_saved
+from .saved import SavedCacheError, SavedInfo, check_model, read_saved, write_saved
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +187,12 @@ class DocumentCache:
             raise KVMergeError(f"the state holds {st.n_cells} cells, the document {self.n_cells}")
         arrays = {"blob": np.array(st.blob, copy=True), **self.state}
         return write_saved(path, {**meta, **self.meta_state}, arrays)
+
+    @staticmethod
+    def read_meta(path: str | os.PathLike) -> SavedInfo:
+        """The document's metadata and stats from a saved cache's header, without reading its cells (cheap:
+        what the UI lists); raises :class:`SavedCacheError` for a missing or corrupt file."""
+        return SavedInfo.read(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, geom: KVGeometry, *, model_sha256: str | None = None,

@@ -1,9 +1,10 @@
-"""Questions and answers on top of the document cache (the chat half of :class:`~.session.Session`).
+"""Questions and answers on top of the document cache: :class:`Chat`, owned by a :class:`~.session.Session`
+(``session.chat``), which delegates ``ask``, ``peek_logits`` and ``reset_chat`` to it.
 
 A turn is the question's tokens and the answer's decoded tokens, appended after the document cells at
-consecutive positions; ``_turns`` keeps their position ranges ``(p0, p1)``.  The last sampled token of an
-answer (the end-of-generation token, or the one at the token limit) is not decoded at once: it is
-``_pending`` and goes in front of the next turn's tokens.
+consecutive positions; :attr:`Chat.turns` keeps their position ranges ``(p0, p1)``.  The last sampled token of
+an answer (the end-of-generation token, or the one at the token limit) is not decoded at once: it is
+:attr:`Chat.pending` and goes in front of the next turn's tokens.
 
 Room: before a question, the turn needs ``len(question tokens) + max_new_tokens`` free cells.  Old turns
 are dropped to make room -- the oldest after the first one, the first one (which continues the document)
@@ -13,9 +14,10 @@ have the same layout in every head).  A question that does not fit even then is 
 Template formats (``gguf``, :mod:`.templates`): the question's tokens are the real conversation rendered by
 the template (earlier questions and answers, the new question) minus the text already cached, tokenized
 across the seam with special tokens parsed; an end-of-turn token left pending is dropped, as the rendered
-text closes the answer itself.  ``_tpl_turns`` keeps each turn's ``(question, answer as shown, answer as decoded, cached text)``.  When
-a rendering does not continue the cached text (a template that rewrites history, a raw turn, a dropped
-turn), that is logged and the turn is laid out from the template's placeholder rendering instead.
+text closes the answer itself.  :attr:`Chat.shown` keeps each turn's ``(question, answer as shown, answer as
+decoded, cached text)``.  When a rendering does not continue the cached text (a template that rewrites
+history, a raw turn, a dropped turn), that is logged and the turn is laid out from the template's placeholder
+rendering instead.
 
 Failure: a generator that raises midway removes every cell it added and restores the turn list, so the
 session stays as it was; a generator closed early (the consumer stopped reading) keeps the partial answer.
@@ -37,36 +39,61 @@ from .templates import DOC, Q1, Q2, TemplateFormat
 log = logging.getLogger(__name__)
 
 
-class Conversation:
-    """Mixin: chat turns over ``self.ctx`` / ``self.model`` (see the module docstring)."""
+class Chat:
+    """Chat turns after one document cache (see the module docstring).
 
-    def _init_chat(self) -> None:
+    ``model``/``ctx``/``bridge``: the session's llama.cpp model, context and KV bridge; ``fmt``: its chat
+    format (:func:`~.chat.detect_format`); ``cache``: the :class:`~.cache.DocumentCache` the turns follow (its
+    ``tail``, ``last_id`` and ``n_cells``); ``rng``: the session's seeded generator (sampling).  A new
+    document (ingest, restore) gets a new ``Chat``.  ``t_decode`` (seconds) and ``tokens_generated`` count
+    the answers since then (:meth:`reset` keeps them)."""
+
+    def __init__(self, model, ctx, bridge, fmt, cache, rng: np.random.Generator) -> None:
+        self.model, self.ctx, self.bridge, self.fmt, self.cache, self._rng = model, ctx, bridge, fmt, cache, rng
         self._turns: list[tuple[int, int]] = []
         self._pending: list[int] = []
         self._chat_tail = ""
         self._chat_last: int | None = None
         self._tpl_turns: list[tuple[str | None, str, str, str]] = []  # (question, answer, raw answer, text)
         self._active = None
+        self.t_decode, self.tokens_generated = 0.0, 0
 
-    def _is_end(self, tok: int) -> bool:
+    # --- read-only views -------------------------------------------------------------------------------
+    @property
+    def turns(self) -> list[tuple[int, int]]:
+        """``(p0, p1)`` position range of each turn in the cache, oldest first (a copy)."""
+        return list(self._turns)
+
+    @property
+    def pending(self) -> list[int]:
+        """Token ids (0 or 1) sampled at the end of the last answer and not decoded yet (a copy)."""
+        return list(self._pending)
+
+    @property
+    def shown(self) -> list[tuple[str | None, str, str, str]]:
+        """Per turn (template formats): ``(question or None for a raw turn, answer as shown, answer as
+        decoded, cached text)``; shorter than :attr:`turns` after a dropped or untracked turn (a copy)."""
+        return list(self._tpl_turns)
+
+    def is_end(self, tok: int) -> bool:
         """Whether ``tok`` ends an answer (an end-of-generation token, or the template's end of turn)."""
         return self.model.is_eog(tok) or int(tok) in getattr(self.fmt, "end_ids", ())
 
     # --- tokens ----------------------------------------------------------------------------------------
-    def _question_tokens(self, q: str, raw: bool = False) -> np.ndarray:
+    def question_tokens(self, q: str, raw: bool = False) -> np.ndarray:
         """int32[n]: what goes into the cache before the answer (pending token, separators, question).
 
         ``raw``: ``q`` is text that continues the cache exactly as given (no template; seam rule applies)."""
-        return self._question(q, raw)[0]
+        return self.question(q, raw)[0]
 
-    def _question(self, q: str, raw: bool = False, prefix: str = "") -> tuple[np.ndarray, str]:
-        """The question's tokens (int32[n], see :meth:`_question_tokens`) and the text they stand for;
+    def question(self, q: str, raw: bool = False, prefix: str = "") -> tuple[np.ndarray, str]:
+        """The question's tokens (int32[n], see :meth:`question_tokens`) and the text they stand for;
         ``prefix`` (an answer cue such as "The number is") is laid after the turn's generation prompt."""
         fmt, m = self.fmt, self.model
         if raw or isinstance(fmt, TemplateFormat):
             text = (q if raw else self._template_text(q)) + prefix
             sp = not raw and fmt.special
-            pre = [t for t in self._pending if not self._is_end(t)] if self._turns else []
+            pre = [t for t in self._pending if not self.is_end(t)] if self._turns else []
             tail, last = (self._chat_tail, self._chat_last) if self._turns else (self.cache.tail, self.cache.last_id)
             if tail or self.cache.n_cells:
                 body = continue_tokens(m, tail, last, text, special=sp)
@@ -79,7 +106,7 @@ class Conversation:
                 return continue_tokens(m, self.cache.tail, self.cache.last_id, text), text
             text = fmt.solo.format(q=q) + prefix
             return m.tokenize(text, add_bos=True), text
-        pre = [t for t in self._pending if not (fmt.turn_seam and self._is_end(t))]
+        pre = [t for t in self._pending if not (fmt.turn_seam and self.is_end(t))]
         eos, bos = int(m.info["eos"]), int(m.info["bos"])
         for s in fmt.turn_special:
             t = eos if s == "eos" else bos
@@ -134,7 +161,7 @@ class Conversation:
     def _fit(self, q: str, max_new: int, raw: bool = False, prefix: str = "") -> tuple[np.ndarray, str, int]:
         """Question tokens, their text and the answer length that fit, dropping old turns as needed."""
         while True:
-            toks, text = self._question(q, raw, prefix)
+            toks, text = self.question(q, raw, prefix)
             if len(toks) == 0:
                 raise ValueError("the question adds no tokens")
             free = self.ctx.n_ctx - self.bridge.n_cells()
@@ -166,8 +193,7 @@ class Conversation:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or temperature < 0:
             raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
-        self._check_open()
-        self._close_active()
+        self.close_active()
         q = question if raw else question.strip()
         if not isinstance(answer_prefix, str):
             raise ValueError("answer_prefix must be a string")
@@ -181,8 +207,7 @@ class Conversation:
         cache is left unchanged."""
         if not isinstance(question, str) or not question.strip():
             raise ValueError("question must be a non-empty string")
-        self._check_open()
-        self._close_active()
+        self.close_active()
         toks, _, _ = self._fit(question if raw else question.strip(), 1, raw)
         p0 = self.ctx.n_past
         try:
@@ -190,17 +215,17 @@ class Conversation:
         finally:
             self.bridge.remove_from(p0)
 
-    def reset_chat(self) -> None:
+    def reset(self) -> None:
         """Forget every chat turn; the document cache stays."""
-        self._check_open()
-        self._close_active()
+        self.close_active()
         if self._turns:
             self.bridge.remove_from(self._turns[0][0])
         self._turns, self._pending, self._chat_tail, self._chat_last = [], [], "", None
         self._tpl_turns = []
 
     # --- generation ------------------------------------------------------------------------------------
-    def _close_active(self) -> None:
+    def close_active(self) -> None:
+        """Close the answer stream in progress, if any (its partial turn is kept)."""
         if self._active is not None:
             gen, self._active = self._active, None
             gen.close()
@@ -240,10 +265,10 @@ class Conversation:
             self._turns.append((p_start, self.ctx.n_past))
             self._pending = [undecoded] if undecoded is not None else []
             self._chat_tail = ((self._chat_tail or self.cache.tail) + text + answer)[-TAIL_CHARS:]
-            keep = undecoded is not None and not self._is_end(undecoded)
+            keep = undecoded is not None and not self.is_end(undecoded)
             self._chat_last = undecoded if keep else last_decoded
-            self._t_decode += time.perf_counter() - t0
-            self._tokens_generated += n_gen
+            self.t_decode += time.perf_counter() - t0
+            self.tokens_generated += n_gen
             self._active = None
 
         try:
@@ -252,7 +277,7 @@ class Conversation:
                 tok = self._sample(logits, temperature)
                 n_gen += 1
                 undecoded = tok
-                if self._is_end(tok):
+                if self.is_end(tok):
                     break
                 piece = dec.decode(self.model.piece(tok))
                 decoded_text.append(piece)

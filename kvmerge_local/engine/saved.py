@@ -13,7 +13,7 @@ Layout (little-endian)::
 The header also stores the payload's sha256, so a truncated or corrupted file is refused before
 anything reaches llama.cpp.  :func:`read_saved` raises :class:`SavedCacheError` with a clear message.
 :meth:`DocumentCache.save <kvmerge_local.engine.cache.DocumentCache.save>` and ``.load`` write and read it
-(``Session.load`` reads only the header).
+(``Session.load`` and the UI's saved-document list read only the header: :class:`SavedInfo`).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -138,3 +139,53 @@ def check_model(meta: dict, model_sha256: str, model_name: str, path_name: str) 
             f"{path_name} was made for another model ({made}, sha256 {str(want)[:12]}...); this session runs "
             f"{model_name} (sha256 {model_sha256[:12]}...). Open the session with the model the cache was "
             "made with, or ingest the document again")
+
+
+@dataclass(frozen=True)
+class SavedInfo:
+    """A saved cache's header without its cells (:meth:`DocumentCache.read_meta
+    <kvmerge_local.engine.cache.DocumentCache.read_meta>`): the document's ``name``, ``sha256``, ``n_tokens``
+    and ``pages`` ((page, first token, last token) triples), ``n_cells`` (cells saved), ``stats`` (the session's
+    :meth:`Stats.as_dict <kvmerge_local.engine.stats.Stats.as_dict>` at save time) and the whole ``header``."""
+
+    name: str
+    sha256: str
+    n_tokens: int
+    n_cells: int
+    pages: list[tuple[int, int, int]]
+    stats: dict
+    header: dict
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> SavedInfo:
+        """Read only the header of the saved cache at ``path``; raises :class:`SavedCacheError`."""
+        p = Path(path)
+        meta = read_header(p)
+        meta.pop("_payload_offset", None)
+        try:
+            doc = meta.get("document") or {}
+            shape = (meta.get("arrays") or {}).get("doc_pos", [0, 0, "", [0, 0, 0]])[3]
+            return cls(name=str(doc.get("name", "")), sha256=str(doc.get("sha256", "")),
+                       n_tokens=int(doc.get("n_tokens", 0)), n_cells=int(shape[-1]),
+                       pages=[(int(a), int(b), int(c)) for a, b, c in doc.get("pages", [])],
+                       stats=dict(meta.get("stats") or {}), header=meta)
+        except (AttributeError, TypeError, ValueError, IndexError) as exc:
+            raise SavedCacheError(f"{p.name} is corrupt (header: {exc})") from exc
+
+    def open_kwargs(self) -> dict:
+        """``Session.open`` keyword arguments for the settings the cache was made with."""
+        m = self.header
+        return {"n_ctx": m.get("n_ctx", 2048), "kv_type": m.get("kv_type", "f16"),
+                "flash_attn": m.get("flash_attn", True), "method": m.get("method", "kvmerger"),
+                "budget": m.get("budget", 0.5), "position_policy": m.get("position_policy", "auto"),
+                "method_params": m.get("method_params") or None, "chat_format": m.get("chat_format")}
+
+    def model_path(self, path_name: str) -> str:
+        """The model file the cache was made with, when it is still where it was; else SavedCacheError."""
+        rec = self.header.get("model") or {}
+        cand = rec.get("path")
+        if cand and Path(cand).is_file():
+            return cand
+        raise SavedCacheError(f"{path_name} was made with {rec.get('file', '?')} "
+                              f"(sha256 {str(rec.get('sha256'))[:12]}...), which is not at {cand}; "
+                              "pass model=<path or models.txt name>")

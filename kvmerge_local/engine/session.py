@@ -31,10 +31,10 @@ from ..errors import KVMergeError
 from ..methods import DEFAULT_METHOD, Full, Method, get_method
 from .cache import TAIL_CHARS, DocumentCache
 from .chat import FORMAT_NAMES, detect_format
-from .conversation import Conversation
+from .conversation import Chat
 from .documents import load_document, page_token_spans
 from .replay import FIRST_PROMPT, LATER_PROMPT, replay_prompt, replay_scores
-from .saved import SavedCacheError, read_header
+from .saved import SavedCacheError
 from .stats import IngestProgress, Stats
 
 log = logging.getLogger(__name__)
@@ -46,11 +46,12 @@ def _reserve(n_ctx: int) -> int:
     return max(16, min(512, n_ctx // 4))
 
 
-class Session(Conversation):
+class Session:
     """See the module docstring.  Create with :meth:`open` (or :meth:`load`).
 
     ``cache`` (:class:`~.cache.DocumentCache`) is the compressed document: its cells' positions and evidence,
-    its metadata, its size (``cache.nbytes``); chat turns (:class:`~.conversation.Conversation`) follow it."""
+    its metadata, its size (``cache.nbytes``); ``chat`` (:class:`~.conversation.Chat`) holds the turns that follow
+    it (``ask``, ``peek_logits`` and ``reset_chat`` delegate to it)."""
 
     def __init__(self, model: LlamaModel, ctx: LlamaContext, *, method: Method, method_name: str, budget: Budget,
                  position_policy: str, seed: int, method_params: dict, chat_format: str | None,
@@ -66,7 +67,6 @@ class Session(Conversation):
         self._rng = np.random.default_rng(self.seed)
         self._closed = False
         self._init_doc()
-        self._init_chat()
 
     # --- construction ----------------------------------------------------------------------------------
     @classmethod
@@ -115,9 +115,10 @@ class Session(Conversation):
                  name, budget, s.fmt.name)
         return s
 
-    def _init_doc(self) -> None:
-        self.cache = DocumentCache.for_context(self.ctx)
-        self._t_decode, self._tokens_generated = 0.0, 0
+    def _init_doc(self, cache: DocumentCache | None = None) -> None:
+        """A new document: ``cache`` (default: an empty one for this context) and a new chat after it."""
+        self.cache = cache if cache is not None else DocumentCache.for_context(self.ctx)
+        self.chat = Chat(self.model, self.ctx, self.bridge, self.fmt, self.cache, self._rng)
 
     # --- properties ------------------------------------------------------------------------------------
     @property
@@ -142,10 +143,10 @@ class Session(Conversation):
         now = c.bytes_per_cell * cells
         return Stats(tokens_ingested=c.n_tokens, cells_in_use=cells, n_ctx=self.ctx.n_ctx,
                      kv_bytes_full=full, kv_bytes_now=now, ratio=(now / full) if full else 1.0,
-                     t_prefill=c.t_prefill, t_compact=c.t_compact, t_decode=self._t_decode,
+                     t_prefill=c.t_prefill, t_compact=c.t_compact, t_decode=self.chat.t_decode,
                      method=self.method_name, budget=self.budget.value, n_compactions=c.n_compactions,
                      n_reindex=c.n_reindex, doc_cells=c.n_cells, chat_cells=chat,
-                     tokens_generated=self._tokens_generated, position_policy=self.position_policy,
+                     tokens_generated=self.chat.tokens_generated, position_policy=self.position_policy,
                      kv_type=self.ctx.kv_type, n_ctx_train=self.n_ctx_train, bytes_per_cell=c.bytes_per_cell,
                      model=self.model_label, document=c.name)
 
@@ -184,7 +185,7 @@ class Session(Conversation):
             raise ValueError(f"method 'full' keeps every token: this document needs {n} cells but only {cap} "
                              f"fit (n_ctx {self.ctx.n_ctx} minus {self.reserve} for the question and answer); "
                              "pick a compressing method or a larger n_ctx")
-        self._close_active()
+        self.chat.close_active()
         self._reset_cache()
         self.cache.tokens = np.asarray(toks, np.int32)
         win = self._evidence_window()
@@ -204,10 +205,8 @@ class Session(Conversation):
         text = head + doc.text
         c.tail, c.last_id = text[-TAIL_CHARS:], int(toks[-1])
         c.name, c.sha256 = doc.name, doc.sha256
-        c.pages = page_token_spans(self.model, body, len(head.encode("utf-8")), doc.text, doc.pages,
-                                       first_token=n_bos)
-        st = self.stats
-        log.info("ingested %s: %s", doc.name, st.summary())
+        c.pages = page_token_spans(self.model, body, len(head.encode("utf-8")), doc.text, doc.pages, first_token=n_bos)
+        log.info("ingested %s: %s", doc.name, (st := self.stats).summary())
         return st
 
     def _prefill(self, toks: np.ndarray, cap: int, progress) -> None:
@@ -275,6 +274,24 @@ class Session(Conversation):
         c.t_compact += time.perf_counter() - t0
         return scores
 
+    # --- chat (delegated to self.chat) -----------------------------------------------------------------
+    def ask(self, question: str, *, max_new_tokens: int = 256, temperature: float = 0.0, raw: bool = False,
+            answer_prefix: str = ""):
+        """Stream the answer to ``question`` (an iterator of str pieces); see :meth:`.Chat.ask`."""
+        self._check_open()
+        return self.chat.ask(question, max_new_tokens=max_new_tokens, temperature=temperature, raw=raw,
+                             answer_prefix=answer_prefix)
+
+    def peek_logits(self, question: str, *, raw: bool = False) -> np.ndarray:
+        """float32[n_vocab]: next-token logits after ``question``, cache unchanged (:meth:`.Chat.peek_logits`)."""
+        self._check_open()
+        return self.chat.peek_logits(question, raw=raw)
+
+    def reset_chat(self) -> None:
+        """Forget every chat turn; the document cache stays."""
+        self._check_open()
+        self.chat.reset()
+
     # --- save and load --------------------------------------------------------------------------------
     def model_sha256(self) -> str:
         from ..models import file_sha256  # noqa: PLC0415
@@ -287,7 +304,7 @@ class Session(Conversation):
         c = self.cache
         if not c.n_cells:
             raise KVMergeError("nothing to save: ingest a document first")
-        self._close_active()
+        self.chat.close_active()
         st = self.bridge.read_prefix(c.n_cells)
         if not np.array_equal(st.pos, c.rope_pos.max(axis=(0, 1))):
             raise KVMergeError("the cache does not start with the document's cells; ingest again")
@@ -320,7 +337,7 @@ class Session(Conversation):
             raise SavedCacheError(f"{p.name} holds {st.n_cells} cells; this session (n_ctx {self.ctx.n_ctx}) has room "
                                   f"for {self.ctx.n_ctx - self.reserve}: open it with n_ctx >= "
                                   f"{st.n_cells + self.reserve}")
-        self._close_active()
+        self.chat.close_active()
         old = self.bridge.read() if self.bridge.n_cells() else None
         self.ctx.clear()
         try:
@@ -330,30 +347,17 @@ class Session(Conversation):
             if old is not None:
                 self.bridge.write(old)
             raise SavedCacheError(f"llama.cpp refused the cache in {p.name}: {exc}") from exc
-        self._init_doc()
-        self._init_chat()
-        self.cache = cache
+        self._init_doc(cache)
         log.info("restored %s: %d cells of %s", p.name, st.n_cells, cache.name)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: str | os.PathLike | None = None, **open_kwargs) -> Session:
         """Open a session for the saved cache at ``path``: the model recorded in the file (unless given),
         with the file's n_ctx, cache type, flash attention, method and budget (``open_kwargs`` override)."""
-        meta = read_header(path)
-        kw = {"n_ctx": meta.get("n_ctx", 2048), "kv_type": meta.get("kv_type", "f16"),
-              "flash_attn": meta.get("flash_attn", True), "method": meta.get("method", "kvmerger"),
-              "budget": meta.get("budget", 0.5), "position_policy": meta.get("position_policy", "auto"),
-              "method_params": meta.get("method_params") or None, "chat_format": meta.get("chat_format")}
-        kw.update(open_kwargs)
+        info = DocumentCache.read_meta(path)
+        kw = {**info.open_kwargs(), **open_kwargs}
         if model is None:
-            rec = meta.get("model") or {}
-            cand = rec.get("path")
-            if cand and Path(cand).is_file():
-                model = cand
-            else:
-                raise SavedCacheError(f"{Path(path).name} was made with {rec.get('file', '?')} "
-                                      f"(sha256 {str(rec.get('sha256'))[:12]}...), which is not at {cand}; "
-                                      "pass model=<path or models.txt name>")
+            model = info.model_path(Path(path).name)
         s = cls.open(model, **kw)
         try:
             s.restore(path)
@@ -365,7 +369,6 @@ class Session(Conversation):
     def _reset_cache(self) -> None:
         self.ctx.clear()
         self._init_doc()
-        self._init_chat()
 
     # --- lifecycle -------------------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -377,7 +380,7 @@ class Session(Conversation):
         if self._closed:
             return
         try:
-            self._close_active()
+            self.chat.close_active()
         finally:
             self._closed = True
             self.ctx.close()
