@@ -10,12 +10,15 @@ with the numba.cuda kernels and compares slots ``0..m-1`` with two other code pa
   for every type;
 - the state-blob path (``apply_plan_to_state`` on a KVState of the same bytes): bit-exact for f32/f16/q4_0 and
   for every copy slot; q8_0 merges within one code (the state path rounds with this CPU's x86 variant); bf16
-  merges are reported separately (see ``test_state_path_bf16``).
+  merges are compared with the reference only (the state path merges bf16 as f16 bits: see
+  ``test_state_path_bf16_merges_match_bf16_arithmetic``, an expected failure).
 """
 import os
 import subprocess
 import sys
 import textwrap
+
+import pytest
 
 COMMON = textwrap.dedent('''
     import time
@@ -168,7 +171,7 @@ APPLY = COMMON + textwrap.dedent('''
             for which, got, a4, t in (("k", gk, new.k4, kt), ("v", gv, new.v4, vtp)):
                 ref = state_raw(a4)
                 if t == 30:
-                    continue  # see test_state_path_bf16
+                    continue  # see test_state_path_bf16_merges_match_bf16_arithmetic
                 if t == 8:
                     cs = copy_sources(p, which) >= 0
                     assert np.array_equal(got[cs], ref[cs]), case
@@ -277,6 +280,8 @@ BF16_STATE = COMMON + textwrap.dedent('''
     x = codec.bf16_bits_to_f32_array(ref.view(np.uint16))
     y = codec.bf16_bits_to_f32_array(exp.view(np.uint16))
     print("BF16", int(np.count_nonzero(ref != exp)), float(np.abs(x - y).max()))
+    assert np.array_equal(ref, exp)
+    print("BF16-OK")
 ''')
 
 
@@ -300,4 +305,13 @@ def test_device_pointer_wrapper_writes_through():
 
 
 def test_rerotate_inplace_matches_cpu():
+    """f16/f32 against kernels.rope.rotate_keys, bf16/q4_0 against the bridge's rerotate_state_keys, q8_0 against
+    the same steps with the REF rounding; NORM and NEOX pairs, n_rot < head_dim, some deltas 0."""
     _run(ROPE, "ROPE-OK")
+
+
+@pytest.mark.xfail(strict=True, reason="the state path (bridge.kv.apply_plan_to_state) merges bf16 caches as if "
+                   "they were f16: apply_plan gets the uint16 bf16 view, which kernels.f16.as_kernel_array treats as "
+                   "f16 bits (copies are raw and exact); the CUDA path decodes bf16 as bf16")
+def test_state_path_bf16_merges_match_bf16_arithmetic():
+    _run(BF16_STATE, "BF16-OK")

@@ -29,6 +29,20 @@ Synchronization with llama.cpp: ggml's CUDA backend allocates the cache in the d
 computes on its own streams.  Wrap the compaction in :func:`synchronized` (``cuda.synchronize()`` of the whole
 device before reading the cache and after writing it), and only then tell llama.cpp about the new cells.
 
+What the bridge calls (CUDA cache, layers offloaded)::
+
+    k = [device_array_from_pointer(ptr, (kv_size, k_row_bytes), np.uint8, (k_stride, 1)) for ...]
+    v = ...  # rows as K, or v_trans: (n_embd_v_gqa, kv_size) in the element dtype, strides (v_stride, el)
+    with synchronized():
+        apply_inplace_cuda(k, v, plan, v_trans=v_trans, k_type=k_type, v_type=v_type)
+        rerotate_inplace_cuda(k, idx, cos_t, sin_t, neox=rope.neox, k_type=k_type,
+                              nrot_hadamard=codec.cache_rot_size(k_type, head_dim, "k"))  # reindex only
+    # then the patch's cell rewrite (cells 0..m-1 hold plan.cell_positions(), the rest freed)
+
+(``idx``/``cos_t``/``sin_t`` as ``bridge.rope._shift`` builds them from ``target - key_pos`` for slots
+``0..m-1``.)  Planning needs only the keys: copy K's first ``N`` rows to the host (or dequantize them on the
+device with :func:`_decode`) -- never the values.
+
 Exact vs approximate: copies are bit-exact for every type; f32/f16/bf16 merges and key re-rotation are
 bit-identical to the CPU kernels (no FMA contraction: :mod:`.cuda_rows`); quantized merges are bit-identical
 to dequantize -> CPU apply -> ``codec.quantize_rows(..., Q8_VARIANT_REF)`` -- the rounding ggml's CUDA backend
@@ -43,8 +57,7 @@ from contextlib import contextmanager
 import numpy as np
 from numba import cuda
 
-from ..codec.types import (GGML_TYPE_BF16, GGML_TYPE_F16, GGML_TYPE_F32, GGML_TYPE_Q4_0, GGML_TYPE_Q8_0, TYPES,
-                           row_bytes)
+from ..codec.types import GGML_TYPE_BF16, GGML_TYPE_F16, GGML_TYPE_F32, GGML_TYPE_Q4_0, TYPES, row_bytes
 from ..plan import Plan
 from . import cuda_rows as K
 
@@ -229,14 +242,15 @@ def _apply_tensor(layers, plan: Plan, which: str, type_id: int, trans: bool, d: 
         _back(a, host)
 
 
-def _check(layers, plan: Plan, type_id: int, trans: bool, name: str) -> int:
-    """head_dim of the layer tensors (validated against the plan)."""
+def _check(layers, shape: tuple[int, int, int], type_id: int, trans: bool, name: str) -> int:
+    """head_dim of the layer tensors, validated against ``shape = (n_layer, n_kv_head, n_in)``."""
+    n_layer, n_kv_head, n_in = shape
     if type_id not in TYPES:
         raise ValueError(f"{name}: unsupported ggml type {type_id}")
     if trans and TYPES[type_id].view is None:
         raise ValueError(f"{name}: quantized tensors cannot be transposed")
-    if len(layers) != plan.n_layer:
-        raise ValueError(f"{name}: {len(layers)} layers, the plan has {plan.n_layer}")
+    if len(layers) != n_layer:
+        raise ValueError(f"{name}: {len(layers)} layers, expected {n_layer}")
     a = layers[0]
     if trans:
         n_embd, kv = a.shape[0], a.shape[1] // (TYPES[type_id].block_bytes if a.dtype == np.uint8 else 1)
@@ -245,11 +259,11 @@ def _check(layers, plan: Plan, type_id: int, trans: bool, name: str) -> int:
         n_embd = a.shape[1] // TYPES[type_id].block_bytes * TYPES[type_id].block
         if a.dtype != np.uint8:
             raise ValueError(f"{name}: row tensors must be uint8[kv_size, row_bytes], got {a.dtype}")
-    if kv < plan.n_in:
-        raise ValueError(f"{name}: kv_size {kv} < the plan's {plan.n_in} input cells")
-    if n_embd % plan.n_kv_head:
-        raise ValueError(f"{name}: {n_embd} elements per cell do not split into {plan.n_kv_head} heads")
-    return n_embd // plan.n_kv_head
+    if kv < n_in:
+        raise ValueError(f"{name}: kv_size {kv} < {n_in} input cells")
+    if n_embd % n_kv_head:
+        raise ValueError(f"{name}: {n_embd} elements per cell do not split into {n_kv_head} heads")
+    return n_embd // n_kv_head
 
 
 def apply_inplace_cuda(k_layers, v_layers, plan: Plan, *, v_trans: bool, k_type: int, v_type: int) -> None:
@@ -260,8 +274,9 @@ def apply_inplace_cuda(k_layers, v_layers, plan: Plan, *, v_trans: bool, k_type:
     and copied back: tests).  Raises ValueError for a bad plan or layout before anything is written.
     """
     plan.validate()
-    dk = _check(k_layers, plan, k_type, False, "K")
-    dv = _check(v_layers, plan, v_type, v_trans, "V")
+    shape = (plan.n_layer, plan.n_kv_head, plan.n_in)
+    dk = _check(k_layers, shape, k_type, False, "K")
+    dv = _check(v_layers, shape, v_type, v_trans, "V")
     _apply_tensor(k_layers, plan, "k", k_type, False, dk)
     _apply_tensor(v_layers, plan, "v", v_type, v_trans, dv)
 
@@ -275,14 +290,13 @@ def rerotate_inplace_cuda(k_layers, idx: np.ndarray, cos_t: np.ndarray, sin_t: n
     ``bridge.rope._shift`` does).  Every type is decoded to float32 (rows touched only), rotated, encoded:
     f32/f16 as :func:`kvmerge_local.kernels.rope.rotate_keys` (bit-identical), bf16 round-half-even, q8_0/q4_0
     un-Hadamard-rotated (``nrot_hadamard``: ``codec.cache_rot_size``; 0 = none), rotated, re-Hadamard-rotated and
-    requantized (REF rounding).  Returns the number of head rows rotated."""
+    requantized (REF rounding).  A touched f16/bf16 row's dims past ``n_rot`` round-trip through float32 (exact,
+    except that a signalling NaN comes back quiet).  Returns the number of head rows rotated."""
     idx = np.asarray(idx)
     L = len(k_layers)
     if idx.ndim != 3 or idx.shape[0] != L:
         raise ValueError(f"idx must be int[{L}, n_kv_head, n_cells], got {idx.shape}")
-    d = _check(k_layers, Plan(idx.shape[2], np.zeros((L, idx.shape[1], 1), np.int64), np.zeros(0, np.int32),
-                              np.zeros(0, np.float32), np.zeros(0, np.float32),
-                              np.zeros((L, idx.shape[1], 0), np.int32)), k_type, False, "K")
+    d = _check(k_layers, idx.shape, k_type, False, "K")
     ct = cuda.to_device(np.ascontiguousarray(cos_t, np.float32))
     st = cuda.to_device(np.ascontiguousarray(sin_t, np.float32))
     if 2 * ct.shape[1] > d:
@@ -312,5 +326,4 @@ def rerotate_inplace_cuda(k_layers, idx: np.ndarray, cos_t: np.ndarray, sin_t: n
 
 
 __all__ = ["apply_inplace_cuda", "rerotate_inplace_cuda", "device_array_from_pointer", "device_pointer",
-           "synchronized", "slot_copies", "GGML_TYPE_F32", "GGML_TYPE_F16", "GGML_TYPE_BF16", "GGML_TYPE_Q8_0",
-           "GGML_TYPE_Q4_0"]
+           "synchronized", "slot_copies"]
