@@ -33,7 +33,7 @@ COMMON = textwrap.dedent('''
     from kvmerge_local.methods import get_method
     from kvmerge_local.plan import Plan
     from kvmerge_local.bridge.kv import apply_plan_to_state, copy_sources
-    from kvmerge_local.bridge.state import KVGeometry, new_state
+    from kvmerge_local.bridge.state import KVGeometry, float_views, new_state
 
     TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8, "bf16": 30}
     REF = codec.Q8_VARIANT_REF
@@ -218,6 +218,14 @@ POINTER = COMMON + textwrap.dedent('''
         IC.apply_inplace_cuda(wk, wv, p, v_trans=True, k_type=1, v_type=1)
     assert np.array_equal(heads_raw([a.copy_to_host() for a in dk], False, m), expected(kraw, 1, p, "k"))
     assert np.array_equal(heads_raw([a.copy_to_host() for a in dv], True, m), expected(vraw, 1, p, "v"))
+    # planning input: only the keys, as bridge.state.float_views gives them from a state blob
+    for name in ("f16", "f32", "bf16", "q8_0", "q4_0"):
+        t = TYPE[name]
+        dk = [cuda.to_device(a) for a in rows_layers(k, t)]
+        kraw = heads_raw([a.copy_to_host() for a in dk], False, N)
+        got = IC.read_keys_cuda(dk, N, H, k_type=t)
+        ref, _ = float_views(state_of(kraw, kraw, t, t, False))
+        assert got.dtype == ref.dtype and np.array_equal(got, ref), name
     print("POINTER-OK")
 ''')
 
@@ -301,6 +309,8 @@ def test_apply_inplace_matches_cpu_and_state_paths():
 
 
 def test_device_pointer_wrapper_writes_through():
+    """A simulator array's pointer wrapped back (plain and strided) sees writes both ways; compaction through
+    wrapped pointers changes the original arrays; read_keys_cuda gives the planner float_views' keys."""
     _run(POINTER, "POINTER-OK")
 
 

@@ -40,8 +40,8 @@ What the bridge calls (CUDA cache, layers offloaded)::
     # then the patch's cell rewrite (cells 0..m-1 hold plan.cell_positions(), the rest freed)
 
 (``idx``/``cos_t``/``sin_t`` as ``bridge.rope._shift`` builds them from ``target - key_pos`` for slots
-``0..m-1``.)  Planning needs only the keys: copy K's first ``N`` rows to the host (or dequantize them on the
-device with :func:`_decode`) -- never the values.
+``0..m-1``.)  Planning needs only the keys: :func:`read_keys_cuda` (K's first ``N`` rows; bf16/quantized ones
+decoded on the device) -- never the values.
 
 Exact vs approximate: copies are bit-exact for every type; f32/f16/bf16 merges and key re-rotation are
 bit-identical to the CPU kernels (no FMA contraction: :mod:`.cuda_rows`); quantized merges are bit-identical
@@ -281,6 +281,29 @@ def apply_inplace_cuda(k_layers, v_layers, plan: Plan, *, v_trans: bool, k_type:
     _apply_tensor(v_layers, plan, "v", v_type, v_trans, dv)
 
 
+def read_keys_cuda(k_layers, n_cells: int, n_kv_head: int, *, k_type: int) -> np.ndarray:
+    """The keys of cells ``0..n_cells-1`` on the host, ``[n_layer, n_kv_head, n_cells, head_dim]``, as the methods
+    plan on them (what ``bridge.state.float_views`` gives): f16/f32 keys as stored (raw copy of those rows only);
+    bf16/q8_0/q4_0 decoded to float32 on the device, then float16 (quantized keys stay Hadamard-rotated).  The
+    values are never read."""
+    L = len(k_layers)
+    d = _check(k_layers, (L, n_kv_head, n_cells), k_type, False, "K")
+    out = np.empty((L, n_kv_head, n_cells, d), np.float32 if k_type == GGML_TYPE_F32 else np.float16)
+    h = np.repeat(np.arange(n_kv_head, dtype=np.int32), n_cells)
+    c = np.tile(np.arange(n_cells, dtype=np.int32), n_kv_head)
+    nh, nc = cuda.to_device(h), cuda.to_device(c)
+    X = cuda.device_array((max(len(h), 1), d), np.float32)
+    for l, a0 in enumerate(k_layers):
+        a, _ = _dev(a0)
+        if k_type in (GGML_TYPE_F16, GGML_TYPE_F32):
+            rows = a[:n_cells].copy_to_host().view(out.dtype)  # only the N cells' rows cross the bus
+            out[l] = rows.reshape(n_cells, n_kv_head, d).transpose(1, 0, 2)
+        elif len(h):
+            _decode(a, a, k_type, False, d, nh, nc, X, len(h))
+            out[l] = X.copy_to_host()[:len(h)].reshape(n_kv_head, n_cells, d)
+    return out
+
+
 # --- key re-rotation --------------------------------------------------------------------------------------------
 
 def rerotate_inplace_cuda(k_layers, idx: np.ndarray, cos_t: np.ndarray, sin_t: np.ndarray, *, neox: bool,
@@ -325,5 +348,5 @@ def rerotate_inplace_cuda(k_layers, idx: np.ndarray, cos_t: np.ndarray, sin_t: n
     return done
 
 
-__all__ = ["apply_inplace_cuda", "rerotate_inplace_cuda", "device_array_from_pointer", "device_pointer",
+__all__ = ["apply_inplace_cuda", "rerotate_inplace_cuda", "read_keys_cuda", "device_array_from_pointer", "device_pointer",
            "synchronized", "slot_copies"]
