@@ -293,11 +293,59 @@ BF16_STATE = COMMON + textwrap.dedent('''
 ''')
 
 
+PTX = textwrap.dedent('''
+    # Compile every kernel for a real GPU (sm_90 PTX through libNVVM; no device needed): types and lowering the
+    # simulator never checks (it runs the kernels as Python), e.g. min() on int32 does not type on the CUDA
+    # target.  Also: no FMA contraction anywhere (the CPU kernels do not fuse), f16 stores round to nearest even.
+    import re
+    from types import SimpleNamespace
+    from numba import config
+    assert not config.ENABLE_CUDASIM
+    import numba.cuda.dispatcher as D
+    D.get_current_device = lambda: SimpleNamespace(compute_capability=(9, 0))  # device functions: no driver
+    from numba import cuda, types as T
+    from kvmerge_local.kernels import cuda_rows as K
+    A2 = lambda dt: T.Array(dt, 2, "A")
+    I1 = T.Array(T.int32, 1, "A")
+    b, i64, f32 = T.boolean, T.int64, T.float32
+    sigs = {
+        "move_in_order": [(A2(T.uint16), b, i64, A2(T.int32)), (A2(T.uint32), b, i64, A2(T.int64))],
+        "stage_raw": [(A2(T.uint16), b, i64, I1, I1, A2(T.uint16), b)],
+        "gather_float": [(A2(T.float16), b, i64, I1, I1, A2(f32)), (A2(f32), b, i64, I1, I1, A2(f32))],
+        "gather_bf16": [(A2(T.uint16), b, i64, I1, I1, A2(T.uint32))],
+        "gather_q": [(A2(T.uint8), A2(T.float16), i64, b, I1, I1, A2(f32))],
+        "merge_rows": [(A2(f32), I1, i64, T.Array(i64, 3, "A"), i64, T.Array(f32, 1, "A"), I1, I1, A2(f32))],
+        "write_float": [(A2(T.float16), b, i64, I1, I1, A2(f32), f32), (A2(f32), b, i64, I1, I1, A2(f32), f32)],
+        "write_bf16": [(A2(T.uint16), b, i64, I1, I1, A2(T.uint32))],
+        "write_q": [(A2(T.uint8), A2(T.float16), i64, b, I1, I1, A2(f32))],
+        "rope_rows": [(A2(f32), I1, A2(f32), A2(f32), b)],
+        "fwht_rows": [(A2(f32), i64, f32)],
+    }
+    n = 0
+    for name, ss in sigs.items():
+        for sig in ss:
+            ptx, _ = cuda.compile_ptx(getattr(K, name).py_func, T.void(*sig), cc=(9, 0))
+            assert not re.search(r"\\bfma\\.", ptx), name
+            assert not re.search(r"cvt\\.(rz|rm|rp)[.a-z0-9]*f16", ptx), name
+            n += 1
+    print("PTX-OK", n)
+''')
+
+
 def _run(script: str, tag: str, timeout: int = 900) -> str:
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", OMP_WAIT_POLICY="PASSIVE")
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0 and tag in r.stdout, r.stdout + r.stderr[-4000:]
     return r.stdout
+
+
+def test_kernels_compile_for_a_gpu():
+    """sm_90 PTX of every kernel (libNVVM, no GPU): skipped when this numba finds no libNVVM."""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    r = subprocess.run([sys.executable, "-c", PTX], env=env, capture_output=True, text=True, timeout=300)
+    if r.returncode and ("NVVM" in r.stderr and "cannot be found" in r.stderr or "libNVVM" in r.stderr):
+        pytest.skip("no libNVVM: " + r.stderr.strip().splitlines()[-1])
+    assert r.returncode == 0 and "PTX-OK" in r.stdout, r.stdout + r.stderr[-4000:]
 
 
 def test_apply_inplace_matches_cpu_and_state_paths():

@@ -236,8 +236,10 @@ def write_q(B, S, hb, q4, mh, mj, Y):
         for i in range(16):
             lo = int32(_add(_mul(Y[r, x0 + i], idv), float32(8.5)))
             hi = int32(_add(_mul(Y[r, x0 + 16 + i], idv), float32(8.5)))
-            lo = min(lo, 15)
-            hi = min(hi, 15)
+            if lo > 15:  # (no min(): it does not type for int32 on the CUDA target)
+                lo = 15
+            if hi > 15:
+                hi = 15
             B[j, off + 2 + i] = uint8((lo | (hi << 4)) & 0xFF)
     else:
         off = mh[r] * hb + blk * 34
