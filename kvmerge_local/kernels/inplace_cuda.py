@@ -31,8 +31,8 @@ device before reading the cache and after writing it), and only then tell llama.
 
 What the bridge calls (CUDA cache, layers offloaded)::
 
-    k = [device_array_from_pointer(ptr, (kv_size, k_row_bytes), np.uint8, (k_stride, 1)) for ...]
-    v = ...  # rows as K, or v_trans: (n_embd_v_gqa, kv_size) in the element dtype, strides (v_stride, el)
+    k = [device_array_from_pointer(ptr, (kv_size, k_row_bytes), np.uint8) for ...]  # C-contiguous: nb1 == row
+    v = ...  # rows as K, or v_trans: (n_embd_v_gqa, kv_size) in the element dtype (one stream per tensor)
     with synchronized():
         apply_inplace_cuda(k, v, plan, v_trans=v_trans, k_type=k_type, v_type=v_type)
         rerotate_inplace_cuda(k, idx, cos_t, sin_t, neox=rope.neox, k_type=k_type,
@@ -43,11 +43,13 @@ What the bridge calls (CUDA cache, layers offloaded)::
 ``0..m-1``.)  Planning needs only the keys: :func:`read_keys_cuda` (K's first ``N`` rows; bf16/quantized ones
 decoded on the device) -- never the values.
 
-Exact vs approximate: copies are bit-exact for every type; f32/f16/bf16 merges and key re-rotation are
-bit-identical to the CPU kernels (no FMA contraction: :mod:`.cuda_rows`); quantized merges are bit-identical
-to dequantize -> CPU apply -> ``codec.quantize_rows(..., Q8_VARIANT_REF)`` -- the rounding ggml's CUDA backend
-uses when it stores q8_0 (the CPU state path uses the x86 variant: codes can differ by 1 at rounding
-midpoints and the last bit of ``1/d``).
+Exact vs approximate (checked under the simulator; on a GPU the same arithmetic is pinned by using no FMA
+contraction and round-to-nearest conversions, :mod:`.cuda_rows`, which the PTX test checks): copies are
+bit-exact for every type; f32/f16/bf16 merges and f32/f16/bf16/q4_0 key re-rotation are bit-identical to the
+CPU kernels; q8_0/q4_0 merges are bit-identical to dequantize -> CPU apply -> ``codec.quantize_rows(...,
+Q8_VARIANT_REF)`` -- the rounding ggml's CUDA backend stores q8_0 with.  The CPU state path rounds q8_0 with
+the x86 variant instead: a code can differ by 1 at a rounding midpoint or through the last bit of ``1/d``
+(scales are equal); q4_0 has one rounding and matches the state path bit for bit.
 """
 from __future__ import annotations
 
