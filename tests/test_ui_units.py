@@ -105,7 +105,7 @@ def test_pickers_offer_the_registry_and_the_bridge_types():
     from kvmerge_local.methods import REGISTRY
 
     methods = [v for _, v in method_choices()]
-    assert methods[0].startswith("kvmerger") and sorted(methods) == sorted(REGISTRY)
+    assert methods[0] == DEFAULT_METHOD and sorted(methods) == sorted(REGISTRY)
     kv = [v for _, v in kv_type_choices()]
     assert kv[0] == "f16" and sorted(kv) == sorted(KV_TYPES)
     models = model_choices("/some/where/model.gguf")

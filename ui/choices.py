@@ -133,7 +133,7 @@ def model_choices(preferred: str | None = None) -> list[tuple[str, str]]:
 
 
 def method_choices() -> list[tuple[str, str]]:
-    """(label, value) for every method of the registry (the default first, then the other KVMerger variants)."""
+    """(label, value) for every method of the registry (the default first, then the KVMerger variants, then the rest)."""
     from kvmerge_local.methods import REGISTRY
 
     names = sorted(REGISTRY, key=lambda n: (n != DEFAULT_METHOD, not n.startswith("kvmerger"), n))
