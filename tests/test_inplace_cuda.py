@@ -8,10 +8,9 @@ with the numba.cuda kernels and compares slots ``0..m-1`` with two other code pa
 - the CPU apply kernel (kernels.apply) on the decoded cells, re-encoded with the codec (q8_0 with the REF
   rounding ggml's CUDA backend stores with), copies placed raw with the bridge's ``copy_sources``: bit-exact
   for every type;
-- the state-blob path (``apply_plan_to_state`` on a KVState of the same bytes): bit-exact for f32/f16/q4_0 and
-  for every copy slot; q8_0 merges within one code (the state path rounds with this CPU's x86 variant); bf16
-  merges are compared with the reference only (the state path merges bf16 as f16 bits: see
-  ``test_state_path_bf16_merges_match_bf16_arithmetic``, an expected failure).
+- the state-blob path (``apply_plan_to_state`` on a KVState of the same bytes): bit-exact for f32/f16/bf16/q4_0
+  and for every copy slot; q8_0 merges within one code (the state path rounds with this CPU's x86 variant).
+  (The state path used to merge bf16 as f16 bits: ``test_state_path_bf16_merges_match_bf16_arithmetic``.)
 """
 import os
 import subprocess
@@ -170,8 +169,6 @@ APPLY = COMMON + textwrap.dedent('''
             new = apply_plan_to_state(state_of(kraw, vraw, kt, vtp, vt), p)
             for which, got, a4, t in (("k", gk, new.k4, kt), ("v", gv, new.v4, vtp)):
                 ref = state_raw(a4)
-                if t == 30:
-                    continue  # see test_state_path_bf16_merges_match_bf16_arithmetic
                 if t == 8:
                     cs = copy_sources(p, which) >= 0
                     assert np.array_equal(got[cs], ref[cs]), case
@@ -368,8 +365,6 @@ def test_rerotate_inplace_matches_cpu():
     _run(ROPE, "ROPE-OK")
 
 
-@pytest.mark.xfail(strict=True, reason="the state path (bridge.kv.apply_plan_to_state) merges bf16 caches as if "
-                   "they were f16: apply_plan gets the uint16 bf16 view, which kernels.f16.as_kernel_array treats as "
-                   "f16 bits (copies are raw and exact); the CUDA path decodes bf16 as bf16")
 def test_state_path_bf16_merges_match_bf16_arithmetic():
+    """Regression: the state path merged bf16 caches as if they were f16 bits (fixed in bridge.kv._apply_bf16)."""
     _run(BF16_STATE, "BF16-OK")

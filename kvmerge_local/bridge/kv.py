@@ -27,7 +27,7 @@ from ..plan import Plan
 from . import _lib
 from .context import LlamaContext
 from .rope import RopeParams, rerotate_state_keys
-from .state import KVState, new_state, parse_state
+from .state import TYPE_IDS, KVState, new_state, parse_state
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +72,26 @@ def apply_plan_to_state(st: KVState, plan: Plan, out: np.ndarray | None = None) 
     for which, src4, dst4, t in (("k", st.k4, out.k4, st.k_type), ("v", st.v4, out.v4, st.v_type)):
         if src4.dtype == np.uint8:
             _apply_quantized(src4, dst4, t, plan, which)
+        elif t == TYPE_IDS["bf16"]:
+            _apply_bf16(src4, dst4, plan, which)
         else:
             apply_plan(src4, dst4, plan, which)
     return out
+
+
+def _apply_bf16(src4: np.ndarray, dst4: np.ndarray, plan: Plan, which: str) -> None:
+    """bf16 bit patterns (uint16[L, H, N, d], any strides) -> [L, H, m, d]: merges in float32, rounded back to
+    bf16 half-to-even as ggml; copies move the raw bits.  (The apply kernel reads uint16 as f16 bits.)"""
+    from .. import codec  # noqa: PLC0415
+    from ..kernels.apply import apply_plan  # noqa: PLC0415
+
+    cs = copy_sources(plan, which)
+    if np.any(cs < 0):
+        y = np.empty(dst4.shape, dtype=np.float32)
+        apply_plan(codec.bf16_bits_to_f32_array(src4), y, plan, which)
+        dst4[...] = codec.f32_to_bf16_bits_array(y)
+    li, hi, ji = np.nonzero(cs >= 0)
+    dst4[li, hi, ji] = src4[li, hi, cs[li, hi, ji]]
 
 
 def _apply_quantized(src4: np.ndarray, dst4: np.ndarray, type_id: int, plan: Plan, which: str) -> None:
