@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=DEFAULT_METHODS)
     p.add_argument("--budgets", default="0.5,0.25")
     p.add_argument("--prompt", default="chat", choices=["chat", "raw"])
-    p.add_argument("--n-ctx", type=int, default=None, help="default: the longest document + 512")
+    p.add_argument("--n-ctx", type=int, default=None, help="default: the longest document + 640")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--ppl", type=Path, default=None, help="JSONL {id, text}: also measure held-out perplexity")
     p.add_argument("--ppl-limit", type=int, default=None, help="at most this many perplexity texts")
@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _documents(a, model: str, lengths: list[int], tasks: tuple[str, ...]) -> tuple[list[dict], int]:
     """The suite's documents (generated with the model's tokenizer, or ``--documents``) and the n_ctx to run
-    them: ``--n-ctx``, else the longest document in tokens + 512 (room for the questions and KVzip's replay)."""
+    them: ``--n-ctx``, else the longest document in tokens + 640 (the chat template's tokens and the session's
+    reserve of up to 512 cells for the question and answer, which KVzip's replay also uses)."""
     from ..engine import Session  # noqa: PLC0415
 
     with Session.open(model, n_ctx=512, n_threads=a.threads, method="full", budget=1.0) as s:
@@ -99,7 +100,7 @@ def _documents(a, model: str, lengths: list[int], tasks: tuple[str, ...]) -> tup
         docs = read_documents(a.documents) if a.documents is not None else \
             ruler.generate(a.n_per_task, lengths, a.seed, count, tasks)
         longest = max(count(d["context"]) for d in docs)
-    return docs, a.n_ctx or longest + 512
+    return docs, a.n_ctx or longest + 640
 
 
 def _perplexity(a, names: list[str], budgets: list[float], model: str, n_ctx: int) -> list[dict]:
