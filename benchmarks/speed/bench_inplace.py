@@ -1,0 +1,103 @@
+"""Benchmark: one compaction (50% selection) through the state blob and in place on the cache's own memory, each
+÷ a plain memory copy of the cache measured in the same run (issue 11's figure: the bridge's own work ≤ 1.2×).
+
+The cache is 8B-shaped: 32 layers x 1024-wide K and V (8 KV heads x 128) x 4000 cells of f16 (500 MiB), on a
+tiny GGUF with that KV geometry (d_model 64), filled by writing a random state (no 4000-token prefill).
+Before every timed compaction the full cache is written back (untimed).  Rows:
+
+- state path: ``KVBridge(ctx, inplace=False, reuse_buffers=True).compact(plan)``: get + parse + apply + set;
+- in place, caller's state: ``compact(plan, st)`` when the caller already read the state to plan (the engine
+  today): the state is only the restore source, nothing is copied;
+- in place, own undo copy: ``compact(plan)`` with no state: the rows it overwrites are copied first
+  (the restore source), then compacted in place.
+
+    python benchmarks/speed/bench_inplace.py [--cells 4000] [--layers 32] [--repeat 3] [--flash-attn 0|1]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from bench_bridge import selection_plan  # noqa: E402
+from kvmerge_local.bridge import KVBridge, LlamaContext, LlamaModel, new_state  # noqa: E402
+from kvmerge_local.tiny.model import make_tiny_llama  # noqa: E402
+
+
+def timed(setup, fn, repeat: int) -> float:
+    """Minimum wall seconds of ``fn()`` over ``repeat`` runs (after a warm-up), ``setup()`` untimed before each."""
+    out = []
+    for i in range(repeat + 1):
+        setup()
+        t0 = time.perf_counter()
+        fn()
+        if i:
+            out.append(time.perf_counter() - t0)
+    return min(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cells", type=int, default=4000)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--flash-attn", type=int, default=1, help="1: V rows; 0: V transposed")
+    a = ap.parse_args()
+    N, L, H, d = a.cells, a.layers, a.kv_heads, a.head_dim
+    with tempfile.TemporaryDirectory() as tmp:
+        path = make_tiny_llama(Path(tmp) / "shape.gguf", n_layer=L, n_head=H, n_kv_head=H, head_dim=d, d_model=64,
+                               n_ff=64, vocab="llama2-small", n_vocab=512)
+        model = LlamaModel(path)
+        n_ctx = (N + 255) // 256 * 256
+        ctx = LlamaContext(model, n_ctx=n_ctx, n_threads=os.cpu_count() or 2, flash_attn=bool(a.flash_attn))
+        state_br = KVBridge(ctx, inplace=False, reuse_buffers=True)
+        br = KVBridge(ctx)
+        ctx.decode([5], logits="none")
+        proto = state_br.read()
+        st = new_state(proto, N, np.arange(N, dtype=np.int32))
+        rng = np.random.default_rng(0)
+        st.k4[...] = rng.standard_normal(st.k4.shape, dtype=np.float32).astype(np.float16)
+        st.v4[...] = rng.standard_normal(st.v4.shape, dtype=np.float32).astype(np.float16)
+        kv_bytes = st.nbytes
+        src = np.empty(kv_bytes, np.uint8)
+        src[:] = 1
+        dst = np.empty_like(src)
+        t_copy = timed(lambda: None, lambda: np.copyto(dst, src), a.repeat)
+        plan = selection_plan(L, H, N, N // 2)
+        refill = lambda: br.write(st)  # noqa: E731
+        t_state = timed(refill, lambda: state_br.compact(plan), a.repeat)
+        t_in_st = timed(refill, lambda: br.compact(plan, st), a.repeat)
+        t_in_undo = timed(refill, lambda: br.compact(plan), a.repeat)
+        # same result both ways (bytes of the compacted cache)
+        refill()
+        state_br.compact(plan)
+        ref = state_br.read().blob.copy()
+        refill()
+        br.compact(plan)
+        same = np.array_equal(state_br.read().blob, ref)
+        rows = [
+            ("np.copyto of the cache (reference)", t_copy),
+            ("state path (get+parse+apply+set)", t_state),
+            ("in place, caller's state as restore", t_in_st),
+            ("in place, own undo copy", t_in_undo),
+        ]
+        print(f"cache: {L} layers x {H * d}-wide K and V x {N} cells, f16 = {kv_bytes / 2**20:.0f} MiB, "
+              f"V {'rows' if a.flash_attn else 'transposed'}; plan: 50% selection; cores: {os.cpu_count()}")
+        print(f"{'compaction':38s} {'seconds':>9s} {'x copy':>8s}")
+        for name, t in rows:
+            print(f"{name:38s} {t:9.4f} {t / t_copy:8.2f}")
+        print(f"in-place result byte-identical to the state path's: {same}")
+        ctx.close()
+        model.close()
+
+
+if __name__ == "__main__":
+    main()
