@@ -15,19 +15,16 @@ Before every timed compaction the full cache is written back (untimed).  Rows:
 """
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from bench_bridge import selection_plan  # noqa: E402
-from kvmerge_local.bridge import KVBridge, LlamaContext, LlamaModel, new_state  # noqa: E402
-from kvmerge_local.tiny.model import make_tiny_llama  # noqa: E402
+from bench_bridge import copy_buffers, selection_plan, shape_args, shaped_cache  # noqa: E402
+from kvmerge_local.bridge import KVBridge  # noqa: E402
 
 
 def timed(setup, fn, repeat: int) -> float:
@@ -43,33 +40,16 @@ def timed(setup, fn, repeat: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cells", type=int, default=4000)
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--kv-heads", type=int, default=8)
-    ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap = shape_args(__doc__)
     ap.add_argument("--flash-attn", type=int, default=1, help="1: V rows; 0: V transposed")
     a = ap.parse_args()
     N, L, H, d = a.cells, a.layers, a.kv_heads, a.head_dim
     with tempfile.TemporaryDirectory() as tmp:
-        path = make_tiny_llama(Path(tmp) / "shape.gguf", n_layer=L, n_head=H, n_kv_head=H, head_dim=d, d_model=64,
-                               n_ff=64, vocab="llama2-small", n_vocab=512)
-        model = LlamaModel(path)
-        n_ctx = (N + 255) // 256 * 256
-        ctx = LlamaContext(model, n_ctx=n_ctx, n_threads=os.cpu_count() or 2, flash_attn=bool(a.flash_attn))
+        model, ctx, st = shaped_cache(a, tmp, bool(a.flash_attn))
         state_br = KVBridge(ctx, inplace=False, reuse_buffers=True)
         br = KVBridge(ctx)
-        ctx.decode([5], logits="none")
-        proto = state_br.read()
-        st = new_state(proto, N, np.arange(N, dtype=np.int32))
-        rng = np.random.default_rng(0)
-        st.k4[...] = rng.standard_normal(st.k4.shape, dtype=np.float32).astype(np.float16)
-        st.v4[...] = rng.standard_normal(st.v4.shape, dtype=np.float32).astype(np.float16)
         kv_bytes = st.nbytes
-        src = np.empty(kv_bytes, np.uint8)
-        src[:] = 1
-        dst = np.empty_like(src)
+        src, dst = copy_buffers(kv_bytes)
         t_copy = timed(lambda: None, lambda: np.copyto(dst, src), a.repeat)
         plan = selection_plan(L, H, N, N // 2)
         refill = lambda: br.write(st)  # noqa: E731
