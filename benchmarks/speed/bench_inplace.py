@@ -9,7 +9,7 @@ Before every timed compaction the full cache is written back (untimed).  Rows:
 - in place, caller's state: ``compact(plan, st)`` when the caller already read the state to plan (the engine
   today): the state is only the restore source, nothing is copied;
 - in place, own undo copy: ``compact(plan)`` with no state: the rows it overwrites are copied first
-  (the restore source), then compacted in place.
+  (the restore source, into a buffer kept by ``reuse_buffers=True``), then compacted in place.
 
     python benchmarks/speed/bench_inplace.py [--cells 4000] [--layers 32] [--repeat 3] [--flash-attn 0|1]
 """
@@ -47,7 +47,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model, ctx, st = shaped_cache(a, tmp, bool(a.flash_attn))
         state_br = KVBridge(ctx, inplace=False, reuse_buffers=True)
-        br = KVBridge(ctx)
+        br = KVBridge(ctx, reuse_buffers=True)
         kv_bytes = st.nbytes
         src, dst = copy_buffers(kv_bytes)
         t_copy = timed(lambda: None, lambda: np.copyto(dst, src), a.repeat)

@@ -135,32 +135,42 @@ def layer_keys(ct: CacheTensors, geom: KVGeometry, l: int, n: int) -> np.ndarray
     return np.ndarray((H, n, d), t.view, buffer=a, strides=(d * es, rk, es))
 
 
-class _Undo:
-    """Copies of the rows a plan overwrites, per layer, to put back if the write phase fails."""
+class Undo:
+    """Copies of the rows a plan overwrites, per layer, to put back if the write phase fails.
 
-    def __init__(self, ct: CacheTensors, start: np.ndarray, m: int) -> None:
-        self.saved = []
+    ``buf``: a uint8 buffer to copy into when large enough (reused across compactions: a fresh allocation
+    of ~m/N of the cache costs as much again in first-touch page faults as the copy itself)."""
+
+    def __init__(self, ct: CacheTensors, start: np.ndarray, m: int, buf: np.ndarray | None = None) -> None:
+        regions = []
         for l, j0 in enumerate(start.tolist()):
-            if j0 >= m:
-                continue
-            kv = ct.k[l][j0:m]
-            vv = ct.v[l][:, j0:m] if ct.v_trans else ct.v[l][j0:m]
-            self.saved.append((kv, kv.copy(), vv, vv.copy()))
+            if j0 < m:
+                regions.append(ct.k[l][j0:m])
+                regions.append(ct.v[l][:, j0:m] if ct.v_trans else ct.v[l][j0:m])
+        need = sum(r.nbytes for r in regions)
+        self.buf = buf if buf is not None and buf.nbytes >= need else np.empty(need, np.uint8)
+        self.saved, off = [], 0
+        for r in regions:
+            c = self.buf[off:off + r.nbytes].view(r.dtype).reshape(r.shape)
+            np.copyto(c, r)
+            self.saved.append((r, c))
+            off += r.nbytes
 
     def restore(self) -> None:
-        for kv, kc, vv, vc in self.saved:
-            kv[...] = kc
-            vv[...] = vc
+        for r, c in self.saved:
+            np.copyto(r, c)
 
 
 def compact_inplace(ctx: int, seq_id: int, geom: KVGeometry, ct: CacheTensors, plan: Plan, cell_pos: np.ndarray,
-                    key_delta: np.ndarray | None, rope, restore_state=None, write_state=None) -> None:
+                    key_delta: np.ndarray | None, rope, restore_state=None, write_state=None,
+                    undo_buf: np.ndarray | None = None) -> Undo | None:
     """Apply ``plan`` in place on the cache tensors ``ct`` of the sequence's cells ``0..plan.n_in-1``, re-rotate
     the kept keys by ``key_delta`` (int[L, H, m], None: none), and make cells ``0..m-1`` hold ``cell_pos``.
 
     ``restore_state``: the sequence's state blob read before (its rows are restored with ``write_state`` if the
-    write phase fails); without one an undo copy of the overwritten rows is taken first.  Raises KVMergeError
-    (cache as before) when a check fails or the write phase fails (after restoring)."""
+    write phase fails); without one an undo copy of the overwritten rows is taken first (into ``undo_buf``
+    when large enough), and returned so its buffer can be reused.  Raises KVMergeError (cache as before) when
+    a check fails or the write phase fails (after restoring)."""
     from ..kernels.inplace import apply_inplace, changed_from  # noqa: PLC0415 - Numba compiles on first use
     from .rope import rerotate_state_keys  # noqa: PLC0415
 
@@ -170,7 +180,7 @@ def compact_inplace(ctx: int, seq_id: int, geom: KVGeometry, ct: CacheTensors, p
     if len(slots) != plan.n_in or not np.array_equal(slots, np.arange(plan.n_in)):
         raise KVMergeError(f"the sequence's {len(slots)} cells are not slots 0..{plan.n_in - 1}")
     m = plan.m
-    undo = None if restore_state is not None else _Undo(ct, changed_from(plan), m)
+    undo = None if restore_state is not None else Undo(ct, changed_from(plan), m, undo_buf)
     _lib.synchronize(ctx)
     try:
         apply_inplace(ct.k, ct.v, plan, v_trans=ct.v_trans, k_type=ct.k_type, v_type=ct.v_type)
@@ -188,6 +198,7 @@ def compact_inplace(ctx: int, seq_id: int, geom: KVGeometry, ct: CacheTensors, p
         else:
             write_state(restore_state)
         raise
+    return undo
 
 
 @dataclass

@@ -119,6 +119,7 @@ class KVBridge:
         self.ctx = ctx
         self.inplace = inplace
         self._tensors: CacheTensors | None = None
+        self._undo_buf: np.ndarray | None = None  # the undo copy's buffer (kept with reuse_buffers)
         self.geom = ctx.model.geom
         self.reuse_buffers = reuse_buffers
         self._read_buf: np.ndarray | None = None
@@ -248,8 +249,11 @@ class KVBridge:
             log.info("compaction of %d cells is the identity: nothing written", n)
             return st if st is not None else _LazyState(self, n)
         delta = (target[None, None, :] - kp) if reindex else None
-        compact_inplace(self.ctx.ptr, self.seq_id, self.geom, ct, plan, cell_pos, delta,
-                        (rope or self.rope) if reindex else None, restore_state=st, write_state=self.write)
+        undo = compact_inplace(self.ctx.ptr, self.seq_id, self.geom, ct, plan, cell_pos, delta,
+                               (rope or self.rope) if reindex else None, restore_state=st, write_state=self.write,
+                               undo_buf=self._undo_buf)
+        if undo is not None and self.reuse_buffers:
+            self._undo_buf = undo.buf
         self.timings["apply"] = time.perf_counter() - t0
         return _LazyState(self, plan.m)
 

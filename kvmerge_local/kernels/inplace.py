@@ -73,20 +73,24 @@ def _merge_slot(flat, cell_off, es, offsets, psrc, w, l, h, j, acc):
 def _inplace_elems(flat, base, hs, cs, es, H, d, offsets, psrc, w, l, m, n_in):  # pragma: no cover - compiled
     """Float cache (f32, or f16/bf16 as uint16 bits), one layer: element ``e`` of head ``h`` of cell ``c`` is
     ``flat[base + h*hs + c*cs + e*es]``.  Rows when ``es == 1``, transposed V when ``cs == 1``."""
+    cf = np.empty((H, m), np.int64)
+    start = np.zeros(H + 1, np.int64)
+    for h in range(H):
+        cf[h] = _copy_from(offsets, psrc, w, l, h, m)
+        n = 0
+        for j in range(m):
+            if cf[h, j] < j:
+                n += 1
+        start[h + 1] = start[h] + n
+    late = np.empty((start[H], d), flat.dtype)
+    late_slot = np.empty(start[H], np.int64)
     for h in prange(H):
         hb = base + h * hs
-        cf = _copy_from(offsets, psrc, w, l, h, m)
-        n_late = 0
-        for j in range(m):
-            if cf[j] < j:
-                n_late += 1
-        late = np.empty((n_late, d), flat.dtype)
-        late_slot = np.empty(n_late, np.int64)
         acc = np.empty(d, np.float32)
         cell_off = hb + np.arange(n_in) * cs
-        k = 0
+        k = start[h]
         for j in range(m):  # 1. late slots, from the untouched cache
-            s = cf[j]
+            s = cf[h, j]
             if s >= j:
                 continue
             late_slot[k] = j
@@ -99,25 +103,33 @@ def _inplace_elems(flat, base, hs, cs, es, H, d, offsets, psrc, w, l, m, n_in): 
                 _merge_slot(flat, cell_off, es, offsets, psrc, w, l, h, j, acc)
                 store_row(acc, row, 0, 1)
             k += 1
-        if es == 1:  # 2. forward copies
+        if es == 1:  # 2. forward copies (heads are disjoint memory: each head's late slots are saved)
             for j in range(m):
-                s = cf[j]
+                s = cf[h, j]
                 if s > j:
-                    so = hb + s * cs
-                    do = hb + j * cs
+                    srow = flat[hb + s * cs:hb + s * cs + d]
+                    drow = flat[hb + j * cs:hb + j * cs + d]
                     for e in range(d):
-                        flat[do + e] = flat[so + e]
-        else:
+                        drow[e] = srow[e]
+        else:  # transposed: one contiguous element row at a time
             for e in range(d):
                 eo = hb + e * es
                 for j in range(m):
-                    s = cf[j]
+                    s = cf[h, j]
                     if s > j:
                         flat[eo + j * cs] = flat[eo + s * cs]
-        for k in range(n_late):  # 3. late rows into their slots
+    for h in prange(H):
+        hb = base + h * hs
+        for k in range(start[h], start[h + 1]):  # 3. late rows into their slots
             o = hb + late_slot[k] * cs
-            for e in range(d):
-                flat[o + e * es] = late[k, e]
+            row = late[k]
+            if es == 1:
+                drow = flat[o:o + d]
+                for e in range(d):
+                    drow[e] = row[e]
+            else:
+                for e in range(d):
+                    flat[o + e * es] = row[e]
 
 
 @njit(cache=True)
@@ -191,8 +203,10 @@ def _forward_blocks(raw, hbytes, cf):  # pragma: no cover - compiled
         for j in range(m):
             s = cf[h, j]
             if s > j:
+                srow = raw[s, b:b + hbytes]
+                drow = raw[j, b:b + hbytes]
                 for i in range(hbytes):
-                    raw[j, b + i] = raw[s, b + i]
+                    drow[i] = srow[i]
 
 
 def _check(k_layers, v_layers, plan: Plan, v_trans: bool) -> None:
