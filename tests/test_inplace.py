@@ -13,6 +13,7 @@ import pytest
 from _bridge_util import GQA_MODEL, prompt_tokens, random_plan
 from kvmerge_local.bridge import KVBridge, LlamaContext, LlamaModel, float_views
 from kvmerge_local.bridge import inplace as bridge_inplace
+from kvmerge_local.bridge.inplace import LiveKeys
 from kvmerge_local.bridge.rope import RopeParams
 from kvmerge_local.errors import KVMergeError
 from kvmerge_local.kernels import inplace as kernels_inplace
@@ -115,6 +116,14 @@ def test_every_method_in_place_matches_state_path(tiny_model_factory, name, kt, 
         k, v = float_views(st)
         plan = method.plan(k, v, st.pos, ev, resolve_budget(0.5, N))
         plans.append(plan)
+        if br.inplace:  # planning on the live keys (no state read, no values) gives the same plan
+            live = br.planning_state()
+            assert isinstance(live, LiveKeys) and not np.shares_memory(live.k4, st.blob)
+            k2, v2 = float_views(live)
+            p2 = method.plan(k2, v2, live.pos, br.evidence(live) if win is not None else None,
+                             resolve_budget(0.5, N))
+            for f in ("offsets", "src", "wk", "wv", "pos"):
+                assert np.array_equal(getattr(p2, f), getattr(plan, f)), f
         br.compact(plan, st, reindex=True, rope=RopeParams.from_model(model))
         if win is not None:
             br.disable_evidence()

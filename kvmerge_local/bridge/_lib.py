@@ -234,8 +234,14 @@ def cache_tensor(ctx: int, il: int, which: int) -> dict[str, Any]:
                            "nb": (int(nb[0]), int(nb[1])), "nbytes": int(nb[2]), "is_host": bool(ints[1]),
                            "buffer": (name.value or b"?").decode("utf-8", "replace"), "host": None}
     if out["is_host"]:
-        out["host"] = np.ctypeslib.as_array((ctypes.c_uint8 * out["nbytes"]).from_address(out["ptr"]))
+        out["host"] = host_bytes(out["ptr"], out["nbytes"])
     return out
+
+
+def host_bytes(ptr: int, nbytes: int) -> np.ndarray:
+    """A writable ``uint8[nbytes]`` view of host memory at ``ptr`` that llama.cpp owns (e.g. a span of the KV
+    cache's buffer covering several layers' tensors, see :func:`cache_tensor`); no copy."""
+    return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(ptr))
 
 
 def seq_set_cells(ctx: int, seq_id: int, pos: np.ndarray) -> bool:

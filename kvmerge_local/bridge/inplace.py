@@ -135,6 +135,41 @@ def layer_keys(ct: CacheTensors, geom: KVGeometry, l: int, n: int) -> np.ndarray
     return np.ndarray((H, n, d), t.view, buffer=a, strides=(d * es, rk, es))
 
 
+def live_keys(ct: CacheTensors, geom: KVGeometry, n: int) -> np.ndarray:
+    """The keys of cells ``0..n-1`` of every layer as one 4-D view over the cache's memory, like
+    :attr:`KVState.k4 <kvmerge_local.bridge.state.KVState>` (``[n_layer, n_kv_head, n, head_dim]`` in the
+    float dtype, or ``uint8[..., head_bytes]`` quantized) -- no copy when the layers' K tensors lie at one
+    stride in one host buffer (llama.cpp allocates them so on the CPU), else the layers' keys copied (keys only).
+    """
+    L, H = geom.n_layer, geom.n_kv_head
+    per = [layer_keys(ct, geom, l, n) for l in range(L)]
+    kp = [p[0] for p in ct.ptrs]
+    step = kp[1] - kp[0] if L > 1 else 0
+    if ct.on_host and all(kp[l] == kp[0] + l * step for l in range(L)) and step >= 0:
+        span = step * (L - 1) + ct.k[0].nbytes
+        base = _lib.host_bytes(kp[0], span)
+        e = per[0]
+        return np.ndarray((L, H, n, e.shape[2]), e.dtype, buffer=base, strides=(step, *e.strides))
+    return np.stack(per)
+
+
+@dataclass
+class LiveKeys:
+    """What a method plans on, read from the cache's own memory without the state blob: ``k4`` (a view of the
+    keys, see :func:`live_keys`), ``v4`` (a zero-stride float16 stand-in: planners read values only for their
+    shape), ``pos`` (the cells' positions), ``n_cells``, ``geom``, ``k_type``.  Works with
+    :func:`~.state.float_views` and :meth:`KVBridge.evidence`; passed back to :meth:`KVBridge.compact` it
+    means "no state read" (the in-place path then keeps its own undo copy)."""
+
+    geom: KVGeometry
+    n_cells: int
+    pos: np.ndarray
+    k4: np.ndarray
+    v4: np.ndarray
+    k_type: int
+    v_type: int
+
+
 class Undo:
     """Copies of the rows a plan overwrites, per layer, to put back if the write phase fails.
 

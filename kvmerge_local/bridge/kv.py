@@ -30,7 +30,7 @@ from ..errors import KVMergeError
 from ..plan import Plan
 from . import _lib
 from .context import LlamaContext
-from .inplace import CacheTensors, cache_tensors, compact_inplace
+from .inplace import CacheTensors, LiveKeys, cache_tensors, compact_inplace, live_keys
 from .rope import RopeParams, rerotate_state_keys
 from .state import KVState, new_state, parse_state
 
@@ -170,6 +170,10 @@ class KVBridge:
         t0 = time.perf_counter()
         plan.validate()
         ct = self._inplace_tensors()
+        if isinstance(st, LiveKeys):  # planned on the live keys: no state was read
+            st = None
+            if ct is None:
+                raise KVMergeError("the cache changed since its keys were read: it no longer compacts in place")
         if ct is not None and st is None:
             return self._compact_inplace(ct, plan, None, key_pos, reindex, rope, t0)
         st = self.read() if st is None else st
@@ -199,6 +203,19 @@ class KVBridge:
         self.timings["apply"] = time.perf_counter() - t0
         self.replace(new, st)
         return new
+
+    def planning_state(self) -> KVState | LiveKeys:
+        """What a method plans on: with the in-place path, the live keys (:class:`LiveKeys`: a view of the
+        cache's keys, no state read, values never copied); otherwise the state (:meth:`read`).  Pass it to
+        :meth:`compact` as ``st``."""
+        ct = self._inplace_tensors()
+        if ct is None:
+            return self.read()
+        pos = self.cell_positions()
+        n, g = len(pos), self.geom
+        k4 = live_keys(ct, g, n)
+        v4 = np.broadcast_to(np.zeros(1, np.float16), (g.n_layer, g.n_kv_head, n, g.head_dim))
+        return LiveKeys(g, n, pos, k4, v4, ct.k_type, ct.v_type)
 
     def tensors(self) -> CacheTensors:
         """The cache's own K/V tensors per layer (views over llama.cpp's memory when it is host memory)."""
