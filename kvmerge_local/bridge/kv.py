@@ -6,6 +6,8 @@
     k, v = float_views(st)                      # what the methods plan on
     new = bridge.compact(plan, st)              # writes the compacted cache; on failure restores st
     new = bridge.compact(plan, st, key_pos=rope_pos, reindex=True)   # ... and renumbers slots 0..m-1
+    live = bridge.planning_state()              # in place: LiveKeys, a view of the cache's keys (no read)
+    new = bridge.compact(plan, live)            # compacts in place; the undo copy is the restore source
 
 :meth:`KVBridge.compact` is the one compaction path (product, benchmarks and tests).  By default, when every
 layer's cache tensor is in host memory (the CPU backend) and the sequence's cells are slots ``0..N-1``, it
@@ -157,15 +159,21 @@ class KVBridge:
 
     def compact(self, plan: Plan, st: KVState | None = None, *, key_pos: np.ndarray | None = None,
                 reindex: bool = False, rope: RopeParams | None = None) -> KVState:
-        """Apply ``plan`` to the cache (read now unless ``st`` is given), write the result; the new state.
+        """Apply ``plan`` to the cache and return the new state.
+
+        In place (the default on host memory; :mod:`.inplace`): the rows are compacted on the cache's own
+        memory and the cells rewritten; nothing is read unless ``st`` is given, and the returned state is read
+        from llama.cpp only when first used.  ``st``: the state or :class:`LiveKeys` the plan was made on (a
+        state read before doubles as the restore source; without one the rows to be overwritten are copied
+        first).  State path: ``st`` is read now unless given, the plan applied to a fresh blob and written.
 
         ``key_pos``: int32[n_layer, n_kv_head, m], the RoPE position each slot's key is rotated to now
         (its pivot's; default ``plan.pos``): the cells get ``max`` over heads as their position.  With
         ``reindex`` the slots are renumbered ``0..m-1`` and every head's key is re-rotated by its own delta
         (``rope``: default the model's, :meth:`RopeParams.from_model`).  An identity plan that moves no
-        position writes nothing and returns ``st``.  A bad plan or a kernel error raises before the context
-        is touched; if llama.cpp refuses the compacted blob, ``st`` is written back before the exception
-        propagates (:meth:`replace`).
+        position writes nothing and returns ``st``.  A bad plan raises before the context is touched; if the
+        write fails (llama.cpp refuses the compacted blob or the cell rewrite, or the in-place kernel fails),
+        the original cache is put back before the exception propagates (:meth:`replace`, or the undo copy).
         """
         t0 = time.perf_counter()
         plan.validate()
