@@ -27,16 +27,19 @@ from bench_bridge import copy_buffers, selection_plan, shape_args, shaped_cache 
 from kvmerge_local.bridge import KVBridge  # noqa: E402
 
 
-def timed(setup, fn, repeat: int) -> float:
-    """Minimum wall seconds of ``fn()`` over ``repeat`` runs (after a warm-up), ``setup()`` untimed before each."""
-    out = []
+def timed(setup, fn, repeat: int) -> tuple[float, float]:
+    """(wall, cpu): minimum wall and process-CPU seconds of ``fn()`` over ``repeat`` runs (after a warm-up),
+    ``setup()`` untimed before each.  On a shared machine CPU time is the steadier figure (with one Numba
+    thread, ``NUMBA_NUM_THREADS=1``, it is also the work's own duration)."""
+    wall, cpu = [], []
     for i in range(repeat + 1):
         setup()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         if i:
-            out.append(time.perf_counter() - t0)
-    return min(out)
+            wall.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+    return min(wall), min(cpu)
 
 
 def main() -> None:
@@ -71,9 +74,9 @@ def main() -> None:
         ]
         print(f"cache: {L} layers x {H * d}-wide K and V x {N} cells, f16 = {kv_bytes / 2**20:.0f} MiB, "
               f"V {'rows' if a.flash_attn else 'transposed'}; plan: 50% selection; cores: {os.cpu_count()}")
-        print(f"{'compaction':38s} {'seconds':>9s} {'x copy':>8s}")
-        for name, t in rows:
-            print(f"{name:38s} {t:9.4f} {t / t_copy:8.2f}")
+        print(f"{'compaction':38s} {'wall s':>8s} {'x copy':>7s} {'cpu s':>8s} {'x copy':>7s}")
+        for name, (w, c) in rows:
+            print(f"{name:38s} {w:8.4f} {w / t_copy[0]:7.2f} {c:8.4f} {c / t_copy[1]:7.2f}")
         print(f"in-place result byte-identical to the state path's: {same}")
         ctx.close()
         model.close()

@@ -39,9 +39,14 @@ from .f16 import as_kernel_array, load_math, store_row
 def _copy_from(offsets, psrc, w, l, h, m):
     """int64[m]: the source cell of each copy slot of (l, h), -1 for a merged slot (rule of :mod:`.apply`)."""
     out = np.empty(m, np.int64)
+    off = offsets[l, h]
     for j in range(m):
-        t = _copy_source(offsets, w, l, h, j)
-        out[j] = psrc[t] if t >= 0 else -1
+        t0 = off[j]
+        if off[j + 1] - t0 == 1:  # one source: a copy exactly when its weight is 1 (as _copy_source)
+            out[j] = psrc[t0] if w[t0] == 1.0 else -1
+        else:
+            t = _copy_source(offsets, w, l, h, j)
+            out[j] = psrc[t] if t >= 0 else -1
     return out
 
 
@@ -87,7 +92,10 @@ def _inplace_elems(flat, base, hs, cs, es, H, d, offsets, psrc, w, l, m, n_in): 
     for h in prange(H):
         hb = base + h * hs
         acc = np.empty(d, np.float32)
-        cell_off = hb + np.arange(n_in) * cs
+        n_merge = 0
+        for j in range(m):
+            n_merge += cf[h, j] < 0
+        cell_off = hb + np.arange(n_in if n_merge else 0) * cs  # where each input cell starts (merges only)
         k = start[h]
         for j in range(m):  # 1. late slots, from the untouched cache
             s = cf[h, j]
@@ -295,17 +303,22 @@ def apply_inplace(k_layers, v_layers, plan: Plan, *, v_trans: bool, k_type: int,
         _inplace_elems(flat, 0, d * rs, 1, rs, H, d, plan.offsets, plan.src, plan.wv, l, m, plan.n_in)
 
 
+@njit(cache=True)
+def _first_change(offsets, psrc, wk, wv, L, H, m):
+    out = np.full(L, m, np.int64)
+    for l in range(L):
+        for h in range(H):
+            for w in (wk, wv):
+                for j in range(min(m, out[l])):  # up to the first slot that is not its own cell
+                    t = _copy_source(offsets, w, l, h, j)
+                    if t < 0 or psrc[t] != j:
+                        out[l] = j
+                        break
+    return out
+
+
 def changed_from(plan: Plan) -> np.ndarray:
     """int64[n_layer]: per layer the first cell in-place application may write (``m`` when none): cells before
     it hold their own source, unchanged, in every head, for K and V."""
     L, H, m = plan.pos.shape
-    off = plan.offsets
-    out = np.full(L, m, np.int64)
-    for l in range(L):
-        for h in range(H):
-            for which in (plan.wk, plan.wv):
-                cf = _copy_from(off, plan.src, which, l, h, m)
-                bad = np.nonzero(cf != np.arange(m))[0]
-                if len(bad):
-                    out[l] = min(out[l], bad[0])
-    return out
+    return _first_change(plan.offsets, plan.src, plan.wk, plan.wv, L, H, m)
