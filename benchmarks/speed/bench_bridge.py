@@ -42,34 +42,52 @@ def selection_plan(L: int, H: int, N: int, m: int, seed: int = 0) -> Plan:
                 wv=np.ones(nnz, np.float32), pos=src.copy())
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def shape_args(doc: str) -> argparse.ArgumentParser:
+    """The command line of the cache-shape benchmarks (this one and bench_inplace.py)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cells", type=int, default=4000)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=3)
-    a = ap.parse_args()
+    return ap
+
+
+def shaped_cache(a: argparse.Namespace, tmp: str, flash_attn: bool = True):
+    """(model, ctx, st): a context whose cache holds ``st``, a random f16 state of ``a.cells`` cells."""
+    N, L, H, d = a.cells, a.layers, a.kv_heads, a.head_dim
+    path = make_tiny_llama(Path(tmp) / "shape.gguf", n_layer=L, n_head=H, n_kv_head=H, head_dim=d, d_model=64,
+                           n_ff=64, vocab="llama2-small", n_vocab=512)
+    model = LlamaModel(path)
+    n_ctx = (N + 255) // 256 * 256
+    ctx = LlamaContext(model, n_ctx=n_ctx, n_threads=os.cpu_count() or 2, flash_attn=flash_attn)
+    br = KVBridge(ctx, inplace=False)
+    # a template state: 1 real cell, then a random N-cell state in the same layout
+    ctx.decode([5], logits="none")
+    proto = br.read()
+    st = new_state(proto, N, np.arange(N, dtype=np.int32))
+    rng = np.random.default_rng(0)
+    st.k4[...] = rng.standard_normal(st.k4.shape, dtype=np.float32).astype(np.float16)
+    st.v4[...] = rng.standard_normal(st.v4.shape, dtype=np.float32).astype(np.float16)
+    br.write(st)
+    return model, ctx, st
+
+
+def copy_buffers(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two touched byte buffers of ``n`` bytes: the plain memory copy every figure is divided by."""
+    src = np.empty(n, np.uint8)
+    src[:] = 1
+    return src, np.empty_like(src)
+
+
+def main() -> None:
+    a = shape_args(__doc__).parse_args()
     N, L, H, d = a.cells, a.layers, a.kv_heads, a.head_dim
     with tempfile.TemporaryDirectory() as tmp:
-        path = make_tiny_llama(Path(tmp) / "shape.gguf", n_layer=L, n_head=H, n_kv_head=H, head_dim=d, d_model=64,
-                               n_ff=64, vocab="llama2-small", n_vocab=512)
-        model = LlamaModel(path)
-        n_ctx = (N + 255) // 256 * 256
-        ctx = LlamaContext(model, n_ctx=n_ctx, n_threads=os.cpu_count() or 2, flash_attn=True)
-        br = KVBridge(ctx)
-        # a template state: 1 real cell, then a random N-cell state in the same layout
-        ctx.decode([5], logits="none")
-        proto = br.read()
-        st = new_state(proto, N, np.arange(N, dtype=np.int32))
-        rng = np.random.default_rng(0)
-        st.k4[...] = rng.standard_normal(st.k4.shape, dtype=np.float32).astype(np.float16)
-        st.v4[...] = rng.standard_normal(st.v4.shape, dtype=np.float32).astype(np.float16)
-        br.write(st)
+        model, ctx, st = shaped_cache(a, tmp)
+        br = KVBridge(ctx, inplace=False)
         kv_bytes = st.nbytes
-        src = np.empty(kv_bytes, np.uint8)
-        src[:] = 1
-        dst = np.empty_like(src)
+        src, dst = copy_buffers(kv_bytes)
 
         t_copy = best(lambda: np.copyto(dst, src), a.repeat)
         buf = np.empty(st.blob.nbytes + 4096, np.uint8)

@@ -2,7 +2,7 @@
 
 llama-cpp-python (pinned 0.3.36) loads ``libllama`` and binds the stock API; we reuse its library handle
 and its bindings for the stock functions, and bind the symbols our patch adds
-(``patches/0001-kvmerge-attention-evidence.patch``) ourselves, each under its C prototype.  The state
+(``patches/0001-kvmerge-attention-evidence.patch``, ``patches/0002-kvmerge-cache-tensors.patch``) ourselves, each under its C prototype.  The state
 functions are bound again on fresh function pointers with ``c_void_p`` buffers, so NumPy arrays pass
 without copies and llama-cpp-python's own bindings stay untouched.
 
@@ -25,7 +25,7 @@ from ..errors import KVMergeError, PatchMissingError
 log = logging.getLogger(__name__)
 
 #: The patch version this Python code speaks (``LLAMA_KVM_PATCH_VERSION`` in the patched ``llama.h``).
-PATCH_VERSION = 1
+PATCH_VERSION = 2
 
 _BUILD_HINT = (
     "run `make setup` in the kvmerge-local checkout (it builds llama-cpp-python 0.3.36 from its sdist "
@@ -85,6 +85,19 @@ class _Lib:
         # LLAMA_API int32_t llama_kvm_seq_cells(const struct llama_context * ctx, llama_seq_id seq_id,
         #                                       int32_t * slots, llama_pos * pos, int32_t n_max);
         self.llama_kvm_seq_cells = _bind(cdll, "llama_kvm_seq_cells", [vp, i32, vp, vp, i32], i32)
+        # LLAMA_API int32_t llama_kvm_cache_layout(const struct llama_context * ctx, int32_t * n_layer,
+        #                                          int32_t * kv_size, int32_t * v_trans, int32_t * n_stream);
+        self.llama_kvm_cache_layout = _bind(cdll, "llama_kvm_cache_layout", [vp, vp, vp, vp, vp], i32)
+        # LLAMA_API int32_t llama_kvm_cache_tensor(const struct llama_context * ctx, int32_t il, int32_t which,
+        #         void ** data, int32_t * type, int64_t * ne, uint64_t * nb, uint64_t * nbytes, int32_t * is_host,
+        #         const char ** buf_name);
+        self.llama_kvm_cache_tensor = _bind(cdll, "llama_kvm_cache_tensor",
+                                            [vp, i32, i32, vp, vp, vp, vp, vp, vp, vp], i32)
+        # LLAMA_API int32_t llama_kvm_seq_set_cells(struct llama_context * ctx, llama_seq_id seq_id,
+        #                                           const llama_pos * pos, int32_t n);
+        self.llama_kvm_seq_set_cells = _bind(cdll, "llama_kvm_seq_set_cells", [vp, i32, vp, i32], i32)
+        # LLAMA_API void llama_synchronize(struct llama_context * ctx);
+        self.llama_synchronize = _bind(cdll, "llama_synchronize", [vp], None)
         # LLAMA_API size_t llama_state_seq_get_size(struct llama_context * ctx, llama_seq_id seq_id);
         self.llama_state_seq_get_size = _bind(cdll, "llama_state_seq_get_size", [vp, i32], ctypes.c_size_t)
         # LLAMA_API size_t llama_state_seq_get_data(struct llama_context * ctx, uint8_t * dst, size_t size,
@@ -189,6 +202,65 @@ def evidence_get(ctx: int, il: int, n_head: int, n_cells: int, out: np.ndarray) 
     if r < 0:
         raise KVMergeError(f"llama_kvm_evidence_get failed for layer {il} (evidence not enabled?)")
     return r > 0
+
+
+# --- patch v2: the cache's own tensors, the cell rewrite (compaction in place) -------------------------
+
+def cache_layout(ctx: int) -> dict[str, int]:
+    """``n_layer``, ``kv_size``, ``v_trans`` (0/1) and ``n_stream`` of the context's KV cache."""
+    out = np.zeros(4, np.int32)
+    base = out.ctypes.data
+    if int(lib().llama_kvm_cache_layout(ctx, base, base + 4, base + 8, base + 12)) != 0:
+        raise KVMergeError("this context has no plain KV cache")
+    return dict(zip(("n_layer", "kv_size", "v_trans", "n_stream"), (int(x) for x in out)))
+
+
+def cache_tensor(ctx: int, il: int, which: int) -> dict[str, Any]:
+    """Layer ``il``'s K (``which=0``) or V (1) tensor of the cache: ``ptr`` (int address), ``type`` (ggml id),
+    ``ne``/``nb`` (ne0, ne1 / nb0, nb1), ``nbytes``, ``is_host``, ``buffer`` (its backend buffer's name) and,
+    for host memory, ``host``: a writable ``uint8[nbytes]`` NumPy view of the tensor's own bytes (no copy;
+    valid while the context lives)."""
+    data = ctypes.c_void_p()
+    ints = np.zeros(2, np.int32)  # type, is_host
+    ne = np.zeros(2, np.int64)
+    nb = np.zeros(3, np.uint64)  # nb0, nb1, nbytes
+    name = ctypes.c_char_p()
+    r = int(lib().llama_kvm_cache_tensor(ctx, il, which, ctypes.byref(data), ints.ctypes.data, ne.ctypes.data,
+                                         nb.ctypes.data, nb.ctypes.data + 16, ints.ctypes.data + 4,
+                                         ctypes.byref(name)))
+    if r != 0 or not data.value:
+        raise KVMergeError(f"llama_kvm_cache_tensor failed for layer {il} ({'KV'[which]})")
+    out: dict[str, Any] = {"ptr": int(data.value), "type": int(ints[0]), "ne": (int(ne[0]), int(ne[1])),
+                           "nb": (int(nb[0]), int(nb[1])), "nbytes": int(nb[2]), "is_host": bool(ints[1]),
+                           "buffer": (name.value or b"?").decode("utf-8", "replace"), "host": None}
+    if out["is_host"]:
+        out["host"] = host_bytes(out["ptr"], out["nbytes"])
+    return out
+
+
+def host_bytes(ptr: int, nbytes: int) -> np.ndarray:
+    """A writable ``uint8[nbytes]`` view of host memory at ``ptr`` that llama.cpp owns (e.g. a span of the KV
+    cache's buffer covering several layers' tensors, see :func:`cache_tensor`); no copy."""
+    return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(ptr))
+
+
+def seq_set_cells(ctx: int, seq_id: int, pos: np.ndarray) -> bool:
+    """Cells ``0..n-1`` hold ``pos`` (int32[n]) for ``seq_id``, its other cells are freed, as
+    ``llama_state_seq_set_data`` would leave them; K/V data untouched.  False when llama.cpp refuses (then
+    nothing changed: a pending K shift, another sequence in the way, ...)."""
+    p = np.ascontiguousarray(pos, dtype=np.int32)
+    return int(lib().llama_kvm_seq_set_cells(ctx, seq_id, _ptr(p), len(p))) == 0
+
+
+def synchronize(ctx: int) -> None:
+    """Wait for the context's pending backend work (before touching the cache's memory)."""
+    lib().llama_synchronize(ctx)
+
+
+def memory_seq_pos_min(ctx: int, seq_id: int) -> int:
+    ll = llama()
+    # LLAMA_API llama_pos llama_memory_seq_pos_min(llama_memory_t mem, llama_seq_id seq_id);
+    return int(ll.llama_memory_seq_pos_min(ll.llama_get_memory(ctypes.c_void_p(ctx)), seq_id))
 
 
 # --- models, contexts, batches (stock API through llama-cpp-python's bindings) --------------------------

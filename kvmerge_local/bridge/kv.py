@@ -6,10 +6,16 @@
     k, v = float_views(st)                      # what the methods plan on
     new = bridge.compact(plan, st)              # writes the compacted cache; on failure restores st
     new = bridge.compact(plan, st, key_pos=rope_pos, reindex=True)   # ... and renumbers slots 0..m-1
+    live = bridge.planning_state()              # in place: LiveKeys, a view of the cache's keys (no read)
+    new = bridge.compact(plan, live)            # compacts in place; the undo copy is the restore source
 
-:meth:`KVBridge.compact` is the one compaction path (product, benchmarks and tests): apply the plan to a
-fresh blob, re-rotate keys when positions are re-indexed (:mod:`.rope`), write it, and write the original
-back if llama.cpp refuses the result.  Applying fills the fresh blob of ``m`` cells in place: float caches go
+:meth:`KVBridge.compact` is the one compaction path (product, benchmarks and tests).  By default, when every
+layer's cache tensor is in host memory (the CPU backend) and the sequence's cells are slots ``0..N-1``, it
+compacts **in place** on the cache's own memory (:mod:`.inplace`, patch v2: no state round trip; only the cell
+metadata goes through llama.cpp).  Otherwise, or with ``KVBridge(ctx, inplace=False)``, it takes the state
+path: apply the plan to a fresh blob, re-rotate keys when positions are re-indexed (:mod:`.rope`), write it,
+and write the original back if llama.cpp refuses the result.  Both give bit-identical caches
+(tests/test_inplace.py).  On the state path, applying fills the fresh blob of ``m`` cells in place: float caches go
 through the Numba apply kernel directly on the blob views (f16 as bit patterns, no whole-cache conversion);
 quantized caches (q8_0, q4_0; stored Hadamard-rotated, which merging does not need to undo because the
 rotation is orthonormal and merges are linear) are dequantized, merged in float32 and requantized, with copy
@@ -26,6 +32,7 @@ from ..errors import KVMergeError
 from ..plan import Plan
 from . import _lib
 from .context import LlamaContext
+from .inplace import CacheTensors, LiveKeys, cache_tensors, compact_inplace, live_keys
 from .rope import RopeParams, rerotate_state_keys
 from .state import TYPE_IDS, KVState, new_state, parse_state
 
@@ -121,11 +128,17 @@ class KVBridge:
 
     seq_id = 0
 
-    def __init__(self, ctx: LlamaContext, reuse_buffers: bool = False) -> None:
+    def __init__(self, ctx: LlamaContext, reuse_buffers: bool = False, inplace: bool | None = None) -> None:
         """``reuse_buffers``: read into, and compact into, two preallocated buffers instead of fresh
         allocations (no page faults on the hot path).  A state returned by :meth:`read` then stays valid
-        only until the next ``read``, and one returned by :meth:`compact` until the next ``compact``."""
+        only until the next ``read``, and one returned by :meth:`compact` until the next ``compact``.
+        ``inplace``: None (default) compacts in place on the cache's memory when it is host memory, else
+        through the state blob; False always takes the state path; True requires in place (KVMergeError
+        when the cache is not in host memory)."""
         self.ctx = ctx
+        self.inplace = inplace
+        self._tensors: CacheTensors | None = None
+        self._undo_buf: np.ndarray | None = None  # the undo copy's buffer (kept with reuse_buffers)
         self.geom = ctx.model.geom
         self.reuse_buffers = reuse_buffers
         self._read_buf: np.ndarray | None = None
@@ -163,19 +176,33 @@ class KVBridge:
 
     def compact(self, plan: Plan, st: KVState | None = None, *, key_pos: np.ndarray | None = None,
                 reindex: bool = False, rope: RopeParams | None = None) -> KVState:
-        """Apply ``plan`` to the cache (read now unless ``st`` is given), write the result; the new state.
+        """Apply ``plan`` to the cache and return the new state.
+
+        In place (the default on host memory; :mod:`.inplace`): the rows are compacted on the cache's own
+        memory and the cells rewritten; nothing is read unless ``st`` is given, and the returned state is read
+        from llama.cpp only when first used.  ``st``: the state or :class:`LiveKeys` the plan was made on (a
+        state read before doubles as the restore source; without one the rows to be overwritten are copied
+        first).  State path: ``st`` is read now unless given, the plan applied to a fresh blob and written.
 
         ``key_pos``: int32[n_layer, n_kv_head, m], the RoPE position each slot's key is rotated to now
         (its pivot's; default ``plan.pos``): the cells get ``max`` over heads as their position.  With
         ``reindex`` the slots are renumbered ``0..m-1`` and every head's key is re-rotated by its own delta
         (``rope``: default the model's, :meth:`RopeParams.from_model`).  An identity plan that moves no
-        position writes nothing and returns ``st``.  A bad plan or a kernel error raises before the context
-        is touched; if llama.cpp refuses the compacted blob, ``st`` is written back before the exception
-        propagates (:meth:`replace`).
+        position writes nothing and returns ``st``.  A bad plan raises before the context is touched; if the
+        write fails (llama.cpp refuses the compacted blob or the cell rewrite, or the in-place kernel fails),
+        the original cache is put back before the exception propagates (:meth:`replace`, or the undo copy).
         """
-        st = self.read() if st is None else st
         t0 = time.perf_counter()
         plan.validate()
+        ct = self._inplace_tensors()
+        if isinstance(st, LiveKeys):  # planned on the live keys: no state was read
+            st = None
+            if ct is None:
+                raise KVMergeError("the cache changed since its keys were read: it no longer compacts in place")
+        if ct is not None and st is None:
+            return self._compact_inplace(ct, plan, None, key_pos, reindex, rope, t0)
+        st = self.read() if st is None else st
+        t0 = time.perf_counter()
         kp = plan.pos if key_pos is None else np.ascontiguousarray(key_pos, dtype=np.int32)
         if kp.shape != plan.pos.shape:
             raise ValueError(f"key_pos shape {kp.shape} != the plan's {plan.pos.shape}")
@@ -185,6 +212,8 @@ class KVBridge:
             self.timings["apply"] = time.perf_counter() - t0
             log.info("compaction of %d cells is the identity: nothing written", st.n_cells)
             return st
+        if ct is not None:
+            return self._compact_inplace(ct, plan, st, key_pos, reindex, rope, t0)
         wplan = plan if key_pos is None else Plan(plan.n_in, plan.offsets, plan.src, plan.wk, plan.wv, kp)
         wplan.validate()
         out = None
@@ -199,6 +228,76 @@ class KVBridge:
         self.timings["apply"] = time.perf_counter() - t0
         self.replace(new, st)
         return new
+
+    def planning_state(self) -> KVState | LiveKeys:
+        """What a method plans on: with the in-place path, the live keys (:class:`LiveKeys`: a view of the
+        cache's keys, no state read, values never copied); otherwise the state (:meth:`read`).  Pass it to
+        :meth:`compact` as ``st``."""
+        ct = self._inplace_tensors()
+        if ct is None:
+            return self.read()
+        pos = self.cell_positions()
+        n, g = len(pos), self.geom
+        k4 = live_keys(ct, g, n)
+        v4 = np.broadcast_to(np.zeros(1, np.float16), (g.n_layer, g.n_kv_head, n, g.head_dim))
+        return LiveKeys(g, n, pos, k4, v4, ct.k_type, ct.v_type)
+
+    def tensors(self) -> CacheTensors:
+        """The cache's own K/V tensors per layer (views over llama.cpp's memory when it is host memory)."""
+        if self._tensors is None:
+            self._tensors = cache_tensors(self.ctx.ptr, self.geom)
+        return self._tensors
+
+    def _inplace_tensors(self) -> CacheTensors | None:
+        """The tensors when :meth:`compact` goes in place, None for the state path."""
+        if self.inplace is False:
+            return None
+        try:
+            ct = self.tensors()
+        except KVMergeError as exc:
+            if self.inplace:
+                raise
+            log.info("compaction in place unavailable (%s): state path", exc)
+            return None
+        if not ct.on_host:
+            # CUDA HOOK: with ct.buffers like ("CUDA0",), the device path goes here (inplace.device_tensors +
+            # kernels.inplace_cuda.apply_inplace_cuda); until then a device cache takes the state path.
+            if self.inplace:
+                raise KVMergeError(f"compaction in place needs the cache in host memory (buffers {ct.buffers})")
+            return None
+        slots = _lib.seq_cells(self.ctx.ptr, self.seq_id)[0]
+        if len(slots) and int(slots[-1]) != len(slots) - 1:  # ascending slots: 0..N-1 exactly
+            if self.inplace:
+                raise KVMergeError("compaction in place needs the sequence's cells at slots 0..N-1")
+            return None
+        return ct
+
+    def _compact_inplace(self, ct: CacheTensors, plan: Plan, st: KVState | None, key_pos: np.ndarray | None,
+                         reindex: bool, rope: RopeParams | None, t0: float) -> KVState:
+        """:meth:`compact` in place on the cache tensors (same checks, positions and keys as the state path)."""
+        kp = plan.pos if key_pos is None else np.ascontiguousarray(key_pos, dtype=np.int32)
+        if kp.shape != plan.pos.shape:
+            raise ValueError(f"key_pos shape {kp.shape} != the plan's {plan.pos.shape}")
+        n = self.n_cells()
+        if plan.n_in != n or (st is not None and st.n_cells != n) or plan.n_layer != self.geom.n_layer or \
+                plan.n_kv_head != self.geom.n_kv_head:
+            raise ValueError(f"plan for {plan.n_layer}x{plan.n_kv_head} heads and {plan.n_in} cells does not "
+                             f"match the cache ({self.geom.n_layer}x{self.geom.n_kv_head}, {n} cells)")
+        target = np.arange(plan.m, dtype=np.int32)
+        cell_pos = target if reindex else kp.max(axis=(0, 1)).astype(np.int32)
+        if plan.is_identity() and not (reindex and np.any(kp != target)) and np.array_equal(
+                cell_pos, self.cell_positions()):
+            self.timings["apply"] = time.perf_counter() - t0
+            log.info("compaction of %d cells is the identity: nothing written", n)
+            return st if st is not None else _LazyState(self, n)
+        delta = (target[None, None, :] - kp) if reindex else None
+        undo = compact_inplace(self.ctx.ptr, self.seq_id, self.geom, ct, plan, cell_pos, delta,
+                               (rope or self.rope) if reindex else None, restore_state=st, write_state=self.write,
+                               undo_buf=self._undo_buf)
+        if undo is not None and self.reuse_buffers:
+            self._undo_buf = undo.buf
+        self.timings["apply"] = time.perf_counter() - t0
+        return _LazyState(self, plan.m)
 
     @property
     def rope(self) -> RopeParams:
@@ -274,3 +373,22 @@ class KVBridge:
         if per_kv_head:
             return out.reshape(L, Hk, n_head // Hk, len(slots)).sum(axis=2)
         return out
+
+
+class _LazyState:
+    """What :meth:`KVBridge.compact` returns after compacting in place: the compacted cache as a
+    :class:`KVState`, read from llama.cpp (the first ``m`` cells) only when an attribute is first used, so the
+    product path, which does not use it, pays no state read."""
+
+    def __init__(self, bridge: KVBridge, m: int) -> None:
+        self._bridge, self._m, self._st = bridge, m, None
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if self._st is None:
+            self._st = self._bridge.read_prefix(self._m)
+        return getattr(self._st, name)
+
+    def __repr__(self) -> str:
+        return f"<compacted in place: {self._m} cells>"

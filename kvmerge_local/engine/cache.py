@@ -121,7 +121,7 @@ class DocumentCache:
         0..m-1.  On failure the context keeps (or gets back) its cache and this object is unchanged.
         """
         t0 = time.perf_counter()
-        st = bridge.read()
+        st = bridge.planning_state()  # in place: the live keys, no state read; else the state blob
         if st.n_cells != self.n_cells:
             raise KVMergeError(f"the cache holds {st.n_cells} cells but the engine tracks {self.n_cells}")
         ev = self.evidence + bridge.evidence(st) if evidence_on else self.evidence
