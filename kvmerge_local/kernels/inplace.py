@@ -17,10 +17,10 @@ head), with ``s_j`` the source cell of a copy slot:
 3. the scratch rows are written to their slots.
 
 The arithmetic is the state path's (:mod:`.apply`): copies move raw elements/blocks (bit-exact); float merges
-accumulate ``w * x`` in float32 in source order, zero weights skipped, rounded once by ``store_row`` (f16 and
-bf16 caches alike go through the uint16 path, as :func:`~.apply.apply_plan` treats them); quantized merges
-dequantize only the rows they read, merge in float32 and requantize only the merged rows
-(:mod:`kvmerge_local.codec`), as the state path does.  So the cache afterwards holds, bit for bit, what
+accumulate ``w * x`` in float32 in source order, zero weights skipped, rounded once by ``store_row`` (f16, f32); bf16 rows go through the codec like the
+quantized types: merges dequantize only the rows they read, merge in float32 and re-encode only the merged rows
+(:mod:`kvmerge_local.codec`; bf16 rounds half-to-even), as the state path does; a transposed bf16 V layer is
+decoded to float32 (exact), compacted there and encoded back (copies round-trip bit for bit).  So the cache afterwards holds, bit for bit, what
 applying the same plan to the state blob writes.  Nothing here knows llama.cpp.
 """
 from __future__ import annotations
@@ -29,10 +29,12 @@ import numpy as np
 from numba import njit, prange
 
 from .. import codec
-from ..codec.types import TYPES
+from ..codec.types import TYPE_IDS, TYPES
 from ..plan import Plan
 from .apply import _copy_source
 from .f16 import as_kernel_array, load_math, store_row
+
+_BF16 = TYPE_IDS["bf16"]
 
 
 @njit(cache=True)
@@ -76,7 +78,7 @@ def _merge_slot(flat, cell_off, es, offsets, psrc, w, l, h, j, acc):
 
 @njit(cache=True, parallel=True)
 def _inplace_elems(flat, base, hs, cs, es, H, d, offsets, psrc, w, l, m, n_in):  # pragma: no cover - compiled
-    """Float cache (f32, or f16/bf16 as uint16 bits), one layer: element ``e`` of head ``h`` of cell ``c`` is
+    """Float cache (f32, or f16 as uint16 bits), one layer: element ``e`` of head ``h`` of cell ``c`` is
     ``flat[base + h*hs + c*cs + e*es]``.  Rows when ``es == 1``, transposed V when ``cs == 1``."""
     cf = np.empty((H, m), np.int64)
     start = np.zeros(H + 1, np.int64)
@@ -243,7 +245,7 @@ def _apply_layer_rows(a: np.ndarray, type_id: int, plan: Plan, l: int, w: np.nda
     H, m = plan.n_kv_head, plan.m
     t = TYPES[type_id]
     hbytes = a.shape[1] // H
-    if t.view is not None:
+    if t.view is not None and type_id != _BF16:
         es = t.block_bytes
         flat = a.reshape(-1).view(np.float32 if t.view is np.float32 else np.uint16)
         d = hbytes // es
@@ -276,6 +278,16 @@ def _apply_layer_rows(a: np.ndarray, type_id: int, plan: Plan, l: int, w: np.nda
         a[late[sel, 1], h * hbytes:(h + 1) * hbytes] = scratch[sel]
 
 
+def _apply_bf16_transposed(a: np.ndarray, plan: Plan, l: int) -> None:
+    """One transposed bf16 V layer ``uint16[n_embd_v_gqa, kv_size]`` (bf16 bits): decoded to float32 for the
+    plan's input cells (exact), compacted there with the float kernel, encoded back half-to-even."""
+    H, n = plan.n_kv_head, plan.n_in
+    x = codec.bf16_bits_to_f32_array(a[:, :n])
+    d = x.shape[0] // H
+    _inplace_elems(x.reshape(-1), 0, d * n, 1, n, H, d, plan.offsets, plan.src, plan.wv, l, plan.m, n)
+    a[:, :plan.m] = codec.f32_to_bf16_bits_array(np.ascontiguousarray(x[:, :plan.m]))
+
+
 def apply_inplace(k_layers, v_layers, plan: Plan, *, v_trans: bool, k_type: int, v_type: int) -> None:
     """Apply ``plan`` to the cache's own per-layer tensors in place: afterwards cells ``0..m-1`` of every layer
     hold the compacted K and V (cells ``m..`` are left as they were; the caller frees them).
@@ -293,6 +305,9 @@ def apply_inplace(k_layers, v_layers, plan: Plan, *, v_trans: bool, k_type: int,
         _apply_layer_rows(k_layers[l], k_type, plan, l, plan.wk)
         if not v_trans:
             _apply_layer_rows(v_layers[l], v_type, plan, l, plan.wv)
+            continue
+        if v_type == _BF16:
+            _apply_bf16_transposed(v_layers[l], plan, l)
             continue
         a = as_kernel_array(v_layers[l]) if v_layers[l].dtype == np.float16 else v_layers[l]
         es = a.itemsize
