@@ -24,7 +24,7 @@ def compress(keys: np.ndarray, values: np.ndarray, evidence: np.ndarray | None =
 
     keys, values: float16 or float32 ``[n_layer, n_kv_head, N, head_dim]`` (any strides);
     evidence: float32 ``[n_layer, n_kv_head, N]`` of the method's ``evidence_kind`` (KVMerger accepts
-    None: zero evidence); positions: int ``[n_layer, n_kv_head, N]`` or ``[N]`` (None: ``arange(N)``);
+    None: zero evidence; the default, KVzip, needs its replay scores, which only a model can give); positions: int ``[n_layer, n_kv_head, N]`` or ``[N]`` (None: ``arange(N)``);
     method: a registry name (see ``kvmerge_local.methods.REGISTRY``; default ``DEFAULT_METHOD``) or a Method
     instance; budget: a fraction in (0, 1] or an int cell count (:class:`~kvmerge_local.budget.Budget`);
     params override the method's parameters.
@@ -38,6 +38,10 @@ def compress(keys: np.ndarray, values: np.ndarray, evidence: np.ndarray | None =
     else:
         meth = get_method(str(method), **params)
     check_inputs(keys, values, positions, evidence)
+    if evidence is None and meth.evidence_kind == "reconstruct":
+        raise ValueError(f"{meth.name} ranks cells by replaying the document on the model (evidence kind "
+                         "'reconstruct'): pass evidence= (kvmerge_local.engine.replay.replay_scores), compress "
+                         "through a Session, or pick a method that works on K/V alone (e.g. method='kvmerger+budget')")
     L, H, N, _ = keys.shape
     m = budget.cells(N)
     plan = meth.plan(keys, values, positions, evidence, m)

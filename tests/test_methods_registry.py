@@ -201,5 +201,15 @@ def test_compress_matches_plan_and_reference_apply():
 
 def test_kvmerger_without_evidence_works():
     k, v, _, _ = make_inputs()
-    ko, vo, po = kvmerge_local.compress(k, v)
+    ko, vo, po = kvmerge_local.compress(k, v, method="kvmerger+budget")
     assert ko.shape[2] == 20 and np.isfinite(vo).all()
+
+
+def test_default_method_offline_needs_its_replay_scores():
+    """compress() uses DEFAULT_METHOD (KVzip): without a model there are no replay scores -- a clear error."""
+    k, v, _, _ = make_inputs()
+    with pytest.raises(ValueError, match="replaying the document on the model.*kvmerger\\+budget"):
+        kvmerge_local.compress(k, v)
+    ev = np.random.default_rng(0).random(k.shape[:3], dtype=np.float32)
+    ko, _, _ = kvmerge_local.compress(k, v, ev)
+    assert ko.shape[2] == 20
