@@ -10,8 +10,8 @@ tensors' own memory (no copy), in the form the in-place kernels take (:mod:`kvme
 :func:`compact_inplace` is :meth:`KVBridge.compact <kvmerge_local.bridge.KVBridge.compact>`'s default path on
 the CPU: synchronize, apply the plan to the rows in place, re-rotate the kept keys when re-indexing, then
 ``llama_kvm_seq_set_cells`` rewrites the cell metadata exactly as ``llama_state_seq_set_data`` would.  The
-state blob path stays as the fallback (buffers on a device, a library without patch v2, cells not at
-``0..N-1``) and as the reference the tests hold this path to (bit-identical cache and logits).
+state blob path stays as the fallback (buffers on a device without ``numba.cuda``, a library without patch
+v2, cells not at ``0..N-1``) and as the reference the tests hold this path to (bit-identical cache and logits).
 
 **Failure and restore.**  Everything that can be refused is checked before the first write (plan, layout,
 cells, types).  The write phase is Numba code over preallocated memory; should it, or llama.cpp's cell rewrite,
@@ -21,9 +21,11 @@ undo copy of the rows the plan overwrites (cells ``changed_from(plan)[l]..m-1`` 
 writing: about ``m/N`` of the cache, the cheapest copy that restores exactly).  The cell metadata changes only
 in the last, atomic step, so a failure before it leaves llama.cpp's view of the cache as it was.
 
-**CUDA hook.**  When the buffers are not host memory (``on_host`` False, e.g. ``buffer == "CUDA0"``) the views
-are absent and :func:`device_tensors` wraps the pointers as ``numba.cuda`` device arrays for
-``kvmerge_local.kernels.inplace_cuda.apply_inplace_cuda`` (same signature as the CPU ``apply_inplace``).
+**CUDA.**  When the buffers are not host memory (``on_host`` False, e.g. ``buffer == "CUDA0"``) the views are
+absent; with ``numba.cuda`` available :func:`device_tensors` wraps the pointers as device arrays,
+:func:`device_keys` reads the keys the planner needs (never the values) and :func:`compact_device` runs the plan
+with ``kvmerge_local.kernels.inplace_cuda`` and rewrites the cells as on the CPU; its restore source is the
+state blob, read first.
 """
 from __future__ import annotations
 
@@ -98,28 +100,86 @@ def cache_tensors(ctx: int, geom: KVGeometry) -> CacheTensors:
     return CacheTensors(ks, vs, v_trans, k_type, v_type, kv, bool(host), tuple(sorted(bufs)), ptrs)
 
 
-def device_tensors(ct: CacheTensors, geom: KVGeometry):  # pragma: no cover - needs a CUDA build and a GPU
-    """CUDA HOOK (for the CUDA half of issue 11): per layer ``numba.cuda`` device arrays over the cache's device
-    memory, laid out as :class:`CacheTensors` (``__cuda_array_interface__`` on the pointers llama.cpp reports,
-    in the primary context ggml uses).  Call :func:`_lib.synchronize` before and after touching them."""
-    from numba import cuda  # noqa: PLC0415
+def device_available() -> bool:
+    """Whether ``numba.cuda`` can run the CUDA in-place kernels here (a GPU, or the simulator in tests)."""
+    try:
+        from numba import cuda  # noqa: PLC0415
+        return bool(cuda.is_available())
+    except Exception as exc:  # noqa: BLE001 - a broken CUDA install means "no device path", not a crash
+        log.info("numba.cuda unavailable (%s)", exc)
+        return False
+
+
+def device_tensors(ct: CacheTensors, geom: KVGeometry) -> tuple[list, list]:
+    """Per layer ``numba.cuda`` device arrays over the cache's device memory (no copy), laid out as
+    :class:`CacheTensors`: K ``uint8[kv_size, k_row_bytes]``, V the same or, ``v_trans``, ``[n_embd_v_gqa,
+    kv_size]`` in the element dtype.  The pointers are llama.cpp's, in the primary context ggml uses
+    (:func:`kvmerge_local.kernels.inplace_cuda.device_array_from_pointer`; under the simulator they view host
+    memory).  Touch them only inside ``inplace_cuda.synchronized()`` after :func:`_lib.synchronize`."""
+    from ..kernels.inplace_cuda import device_array_from_pointer  # noqa: PLC0415 - imports numba.cuda
 
     E, kv = geom.n_embd_kv, ct.kv_size
-
-    def wrap(ptr: int, shape: tuple, dtype) -> object:
-        class _Iface:
-            __cuda_array_interface__ = {"shape": shape, "typestr": np.dtype(dtype).str, "data": (ptr, False),
-                                        "version": 3, "strides": None}
-        return cuda.as_cuda_array(_Iface())
-
     ks, vs = [], []
     for kp, vp, kn, vn in ct.ptrs:
-        ks.append(wrap(kp, (kv, kn // kv), np.uint8))
+        ks.append(device_array_from_pointer(kp, (kv, kn // kv), np.uint8))
         if ct.v_trans:
-            vs.append(wrap(vp, (E, kv), TYPES[ct.v_type].view))
+            vs.append(device_array_from_pointer(vp, (E, kv), TYPES[ct.v_type].view))
         else:
-            vs.append(wrap(vp, (kv, vn // kv), np.uint8))
+            vs.append(device_array_from_pointer(vp, (kv, vn // kv), np.uint8))
     return ks, vs
+
+
+def device_keys(ctx: int, ct: CacheTensors, geom: KVGeometry, n: int) -> np.ndarray:
+    """The keys of cells ``0..n-1`` of a device cache on the host, ``[n_layer, n_kv_head, n, head_dim]`` as the
+    methods plan on them (f16/f32 as stored; bf16/quantized decoded on the device to float16) -- only K's
+    first ``n`` rows cross the bus, never the values."""
+    from ..kernels import inplace_cuda as IC  # noqa: PLC0415
+
+    k, _ = device_tensors(ct, geom)
+    with IC.synchronized():
+        _lib.synchronize(ctx)
+        return IC.read_keys_cuda(k, n, geom.n_kv_head, k_type=ct.k_type)
+
+
+def compact_device(ctx: int, seq_id: int, geom: KVGeometry, ct: CacheTensors, plan: Plan, cell_pos: np.ndarray,
+                   key_delta: np.ndarray | None, rope, restore_state, write_state) -> None:
+    """:func:`compact_inplace` on a CUDA cache (``ct.on_host`` False): the same plan with the ``numba.cuda``
+    kernels on the cache's device memory (``kernels.inplace_cuda``), then the same cell rewrite.
+
+    Order: ``cuda.synchronize()`` and ``llama_synchronize`` (llama.cpp's pending writes land), apply, re-rotate
+    the kept keys by ``key_delta`` when re-indexing (tables as ``rope._shift`` builds them), both syncs again,
+    then ``llama_kvm_seq_set_cells``.  Restore: ``restore_state`` (the sequence's state blob, read by the
+    caller before this call) is written back with ``write_state`` if anything fails -- the simplest exact
+    restore on a device (it costs one device->host copy of the cache per compaction; an undo copy of the
+    overwritten rows on the device would be cheaper)."""
+    from .. import codec  # noqa: PLC0415
+    from ..kernels import inplace_cuda as IC  # noqa: PLC0415 - numba.cuda, compiles on first use
+    from .rope import shift_tables  # noqa: PLC0415
+
+    if ct.on_host:
+        raise KVMergeError("the cache is in host memory: compact_inplace")
+    if restore_state is None:
+        raise KVMergeError("compaction on the device needs the state read before it (the restore source)")
+    slots, _ = _lib.seq_cells(ctx, seq_id)
+    if len(slots) != plan.n_in or not np.array_equal(slots, np.arange(plan.n_in)):
+        raise KVMergeError(f"the sequence's {len(slots)} cells are not slots 0..{plan.n_in - 1}")
+    k, v = device_tensors(ct, geom)
+    try:
+        with IC.synchronized():
+            _lib.synchronize(ctx)
+            IC.apply_inplace_cuda(k, v, plan, v_trans=ct.v_trans, k_type=ct.k_type, v_type=ct.v_type)
+            if key_delta is not None and np.any(key_delta):
+                idx, cos_t, sin_t = shift_tables(rope, np.asarray(key_delta))
+                IC.rerotate_inplace_cuda(k, idx, cos_t, sin_t, neox=rope.neox, k_type=ct.k_type,
+                                         nrot_hadamard=codec.cache_rot_size(ct.k_type, geom.head_dim, "k"))
+            _lib.synchronize(ctx)
+        if not _lib.seq_set_cells(ctx, seq_id, np.asarray(cell_pos, np.int32)):
+            raise KVMergeError("llama.cpp refused to rewrite the cells (a pending K shift, or another sequence "
+                               "in the way)")
+    except BaseException:
+        log.warning("compaction on the device failed; restoring the %d-cell original", plan.n_in)
+        write_state(restore_state)
+        raise
 
 
 def layer_keys(ct: CacheTensors, geom: KVGeometry, l: int, n: int) -> np.ndarray:

@@ -12,7 +12,10 @@
 :meth:`KVBridge.compact` is the one compaction path (product, benchmarks and tests).  By default, when every
 layer's cache tensor is in host memory (the CPU backend) and the sequence's cells are slots ``0..N-1``, it
 compacts **in place** on the cache's own memory (:mod:`.inplace`, patch v2: no state round trip; only the cell
-metadata goes through llama.cpp).  Otherwise, or with ``KVBridge(ctx, inplace=False)``, it takes the state
+metadata goes through llama.cpp).  When the tensors are on a CUDA device (buffers like ``"CUDA0"``) and
+``numba.cuda`` is available it compacts in place **on the device** (:func:`.inplace.compact_device`: the
+``numba.cuda`` kernels of :mod:`kvmerge_local.kernels.inplace_cuda`, planning on keys read from the device,
+the state blob read first as the restore source).  Otherwise, or with ``KVBridge(ctx, inplace=False)``, it takes the state
 path: apply the plan to a fresh blob, re-rotate keys when positions are re-indexed (:mod:`.rope`), write it,
 and write the original back if llama.cpp refuses the result.  Both give bit-identical caches
 (tests/test_inplace.py).  On the state path, applying fills the fresh blob of ``m`` cells in place: float caches go
@@ -32,7 +35,8 @@ from ..errors import KVMergeError
 from ..plan import Plan
 from . import _lib
 from .context import LlamaContext
-from .inplace import CacheTensors, LiveKeys, cache_tensors, compact_inplace, live_keys
+from .inplace import (CacheTensors, LiveKeys, cache_tensors, compact_device, compact_inplace, device_available,
+                      device_keys, live_keys)
 from .rope import RopeParams, rerotate_state_keys
 from .state import TYPE_IDS, KVState, new_state, parse_state
 
@@ -238,7 +242,7 @@ class KVBridge:
             return self.read()
         pos = self.cell_positions()
         n, g = len(pos), self.geom
-        k4 = live_keys(ct, g, n)
+        k4 = live_keys(ct, g, n) if ct.on_host else device_keys(self.ctx.ptr, ct, g, n)
         v4 = np.broadcast_to(np.zeros(1, np.float16), (g.n_layer, g.n_kv_head, n, g.head_dim))
         return LiveKeys(g, n, pos, k4, v4, ct.k_type, ct.v_type)
 
@@ -259,11 +263,10 @@ class KVBridge:
                 raise
             log.info("compaction in place unavailable (%s): state path", exc)
             return None
-        if not ct.on_host:
-            # CUDA HOOK: with ct.buffers like ("CUDA0",), the device path goes here (inplace.device_tensors +
-            # kernels.inplace_cuda.apply_inplace_cuda); until then a device cache takes the state path.
+        if not ct.on_host and not device_available():  # a device cache (e.g. "CUDA0") needs numba.cuda
             if self.inplace:
-                raise KVMergeError(f"compaction in place needs the cache in host memory (buffers {ct.buffers})")
+                raise KVMergeError(f"compaction in place on the device (buffers {ct.buffers}) needs numba.cuda")
+            log.info("cache on %s and numba.cuda unavailable: state path", ct.buffers)
             return None
         slots = _lib.seq_cells(self.ctx.ptr, self.seq_id)[0]
         if len(slots) and int(slots[-1]) != len(slots) - 1:  # ascending slots: 0..N-1 exactly
@@ -291,6 +294,11 @@ class KVBridge:
             log.info("compaction of %d cells is the identity: nothing written", n)
             return st if st is not None else _LazyState(self, n)
         delta = (target[None, None, :] - kp) if reindex else None
+        if not ct.on_host:  # CUDA: the numba.cuda kernels on the device memory; the state blob is the restore source
+            compact_device(self.ctx.ptr, self.seq_id, self.geom, ct, plan, cell_pos, delta,
+                           (rope or self.rope) if reindex else None, self.read() if st is None else st, self.write)
+            self.timings["apply"] = time.perf_counter() - t0
+            return _LazyState(self, plan.m)
         undo = compact_inplace(self.ctx.ptr, self.seq_id, self.geom, ct, plan, cell_pos, delta,
                                (rope or self.rope) if reindex else None, restore_state=st, write_state=self.write,
                                undo_buf=self._undo_buf)

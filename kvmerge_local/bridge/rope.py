@@ -157,13 +157,21 @@ def _shift(rope: RopeParams, k: np.ndarray, delta: np.ndarray) -> None:
 
     The angles are computed once per delta value in ``[min, max]`` (by :meth:`RopeParams.angles`, as ggml
     does); deltas are bounded by the context length, so the table is small."""
+    idx, cos_t, sin_t = shift_tables(rope, delta)
+    from ..kernels.rope import rotate_keys  # noqa: PLC0415 - Numba compiles on first use
+
+    rotate_keys(k, idx, cos_t, sin_t, rope.neox)
+
+
+def shift_tables(rope: RopeParams, delta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(idx, cos_t, sin_t)`` for rotating by int ``delta``: the angle tables of every delta value in
+    ``[min, max]`` and, per entry, its row (int64, -1 where the delta is 0: left alone).  What
+    :func:`_shift` and the CUDA re-rotation (``kernels.inplace_cuda.rerotate_inplace_cuda``) take."""
     lo, hi = int(delta.min()), int(delta.max())
     cos_t, sin_t = rope.angles(np.arange(lo, hi + 1))
     idx = delta.astype(np.int64) - lo
     idx[delta == 0] = -1
-    from ..kernels.rope import rotate_keys  # noqa: PLC0415 - Numba compiles on first use
-
-    rotate_keys(k, idx, cos_t, sin_t, rope.neox)
+    return idx, cos_t, sin_t
 
 
 def rerotate_state_keys(st, delta: np.ndarray, rope: RopeParams) -> int:
