@@ -49,15 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _bar(total: int, quiet: bool, desc: str):
-    if quiet:
-        return None, lambda: None
-    from tqdm import tqdm  # noqa: PLC0415
-
-    b = tqdm(total=total, desc=desc, unit="run", file=sys.stderr, dynamic_ncols=True)
-    return b.update, b.close
-
-
 def _sha256(model: str | None) -> str:
     """sha256 of the model file (which checkpoint produced the numbers)."""
     import hashlib  # noqa: PLC0415
@@ -98,14 +89,14 @@ def main(argv: list[str] | None = None) -> int:
                                 position_policy=a.position_policy)
         confs = harness.configs(methods, budgets)
         t0 = time.perf_counter()
-        update, close = _bar(len(confs) * len(records), a.quiet, "tasks")
+        update, close = harness.progress_bar(len(confs) * len(records), a.quiet, "tasks")
         try:
             rows = harness.run(records, methods, budgets, cfg, progress=update)
         finally:
             close()
         ppl_rows = None
         if texts:
-            update, close = _bar(len(confs) * len(texts), a.quiet, "perplexity")
+            update, close = harness.progress_bar(len(confs) * len(texts), a.quiet, "perplexity")
             try:
                 ppl_rows = perplexity.run(texts, methods, budgets, cfg, max_suffix_tokens=a.ppl_suffix_tokens,
                                           progress=update)

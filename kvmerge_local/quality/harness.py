@@ -24,6 +24,7 @@ import json
 import logging
 import re
 import string
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -210,6 +211,16 @@ class RunConfig:
     prompt: str = "auto"
     position_policy: str = "auto"
     flash_attn: bool = True
+
+
+def progress_bar(total: int, quiet: bool, desc: str, unit: str = "run"):
+    """(update, close) of a tqdm bar on stderr, or no-ops when ``quiet``."""
+    if quiet:
+        return None, lambda: None
+    from tqdm import tqdm  # noqa: PLC0415
+
+    b = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
+    return b.update, b.close
 
 
 def open_session(cfg: RunConfig, method: str, budget: float):

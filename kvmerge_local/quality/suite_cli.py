@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..errors import KVMergeError
 from . import perplexity, ruler, suite, suite_report
-from .harness import BenchError, RunConfig, make_method, parse_budgets, parse_methods, read_jsonl
+from .harness import BenchError, RunConfig, make_method, parse_budgets, parse_methods, progress_bar, read_jsonl
 from .harness import configs as config_pairs
 
 log = logging.getLogger(__name__)
@@ -95,28 +95,24 @@ def _documents(a, model: str, lengths: list[int], tasks: tuple[str, ...]) -> tup
     reserve of up to 512 cells for the question and answer, which KVzip's replay also uses)."""
     from ..engine import Session  # noqa: PLC0415
 
+    if a.documents is not None and a.n_ctx:  # nothing to tokenize
+        return read_documents(a.documents), a.n_ctx
     with Session.open(model, n_ctx=512, n_threads=a.threads, method="full", budget=1.0) as s:
         count = lambda t: len(s.model.tokenize(t))  # noqa: E731
         docs = read_documents(a.documents) if a.documents is not None else \
             ruler.generate(a.n_per_task, lengths, a.seed, count, tasks)
-        longest = max(count(d["context"]) for d in docs)
-    return docs, a.n_ctx or longest + 640
+        return docs, a.n_ctx or max(count(d["context"]) for d in docs) + 640
 
 
 def _perplexity(a, names: list[str], budgets: list[float], model: str, n_ctx: int) -> list[dict]:
     """Perplexity rows for every (method, budget) on ``--ppl``'s texts (one session per configuration)."""
     texts = perplexity.load_texts(a.ppl, a.ppl_limit)
     cfg = RunConfig(model=model, n_ctx=n_ctx, n_threads=a.threads)
-    bar = None
-    if not a.quiet:
-        from tqdm import tqdm  # noqa: PLC0415
-
-        bar = tqdm(total=len(texts) * len(config_pairs(names, budgets)), desc="perplexity", unit="text", file=sys.stderr)
+    update, close = progress_bar(len(texts) * len(config_pairs(names, budgets)), a.quiet, "perplexity", "text")
     try:
-        return perplexity.run(texts, names, budgets, cfg, progress=bar.update if bar else None)
+        return perplexity.run(texts, names, budgets, cfg, progress=update)
     finally:
-        if bar is not None:
-            bar.close()
+        close()
 
 
 def read_documents(path: Path) -> list[dict]:
@@ -130,16 +126,11 @@ def read_documents(path: Path) -> list[dict]:
 
 
 def _run(session, docs: list[dict], configs, cfg, quiet: bool) -> list[dict]:
-    bar = None
-    if not quiet:
-        from tqdm import tqdm  # noqa: PLC0415
-
-        bar = tqdm(total=len(docs) * len(configs), desc="documents x configurations", unit="run", file=sys.stderr)
+    update, close = progress_bar(len(docs) * len(configs), quiet, "documents x configurations")
     rows = []
     try:
         for d in docs:
-            rows += suite.run_document(session, d, configs, cfg, progress=bar.update if bar else None)
+            rows += suite.run_document(session, d, configs, cfg, progress=update)
     finally:
-        if bar is not None:
-            bar.close()
+        close()
     return rows
