@@ -198,26 +198,23 @@ class KVBridge:
         """
         t0 = time.perf_counter()
         plan.validate()
-        ct = self._inplace_tensors()
-        if isinstance(st, LiveKeys):  # planned on the live keys: no state was read
-            st = None
-            if ct is None:
-                raise KVMergeError("the cache changed since its keys were read: it no longer compacts in place")
-        if ct is not None and st is None:
-            return self._compact_inplace(ct, plan, None, key_pos, reindex, rope, t0)
-        st = self.read() if st is None else st
-        t0 = time.perf_counter()
         kp = plan.pos if key_pos is None else np.ascontiguousarray(key_pos, dtype=np.int32)
         if kp.shape != plan.pos.shape:
             raise ValueError(f"key_pos shape {kp.shape} != the plan's {plan.pos.shape}")
-        target = np.arange(plan.m, dtype=np.int32)
-        if plan.is_identity() and not (reindex and np.any(kp != target)) and np.array_equal(
-                plan.cell_positions() if key_pos is None else kp.max(axis=(0, 1)), st.pos):
+        cell_pos = np.arange(plan.m, dtype=np.int32) if reindex else kp.max(axis=(0, 1)).astype(np.int32)
+        live = self._inplace_tensors()
+        if isinstance(st, LiveKeys):  # planned on the live keys: no state was read
+            st = None
+            if live is None:
+                raise KVMergeError("the cache changed since its keys were read: it no longer compacts in place")
+        if live is not None:
+            return self._compact_inplace(*live, plan, st, kp, cell_pos, reindex, rope, t0)
+        st = self.read() if st is None else st
+        t0 = time.perf_counter()
+        if _is_noop(plan, kp, cell_pos, reindex, st.pos):
             self.timings["apply"] = time.perf_counter() - t0
             log.info("compaction of %d cells is the identity: nothing written", st.n_cells)
             return st
-        if ct is not None:
-            return self._compact_inplace(ct, plan, st, key_pos, reindex, rope, t0)
         wplan = plan if key_pos is None else Plan(plan.n_in, plan.offsets, plan.src, plan.wk, plan.wv, kp)
         wplan.validate()
         out = None
@@ -227,8 +224,8 @@ class KVBridge:
             out = None if np.shares_memory(self._out_buf, st.blob) else self._out_buf
         new = apply_plan_to_state(st, wplan, out)
         if reindex:
-            rerotate_state_keys(new, target[None, None, :] - kp, rope or self.rope)
-            new.pos[:] = target
+            rerotate_state_keys(new, cell_pos[None, None, :] - kp, rope or self.rope)
+            new.pos[:] = cell_pos
         self.timings["apply"] = time.perf_counter() - t0
         self.replace(new, st)
         return new
@@ -237,10 +234,10 @@ class KVBridge:
         """What a method plans on: with the in-place path, the live keys (:class:`LiveKeys`: a view of the
         cache's keys, no state read, values never copied); otherwise the state (:meth:`read`).  Pass it to
         :meth:`compact` as ``st``."""
-        ct = self._inplace_tensors()
-        if ct is None:
+        live = self._inplace_tensors()
+        if live is None:
             return self.read()
-        pos = self.cell_positions()
+        ct, pos = live
         n, g = len(pos), self.geom
         k4 = live_keys(ct, g, n) if ct.on_host else device_keys(self.ctx.ptr, ct, g, n)
         v4 = np.broadcast_to(np.zeros(1, np.float16), (g.n_layer, g.n_kv_head, n, g.head_dim))
@@ -252,8 +249,9 @@ class KVBridge:
             self._tensors = cache_tensors(self.ctx.ptr, self.geom)
         return self._tensors
 
-    def _inplace_tensors(self) -> CacheTensors | None:
-        """The tensors when :meth:`compact` goes in place, None for the state path."""
+    def _inplace_tensors(self) -> tuple[CacheTensors, np.ndarray] | None:
+        """(the tensors, the cells' positions int32[N]) when :meth:`compact` goes in place, None for the state
+        path (one cell query: the sequence must hold slots 0..N-1)."""
         if self.inplace is False:
             return None
         try:
@@ -268,32 +266,27 @@ class KVBridge:
                 raise KVMergeError(f"compaction in place on the device (buffers {ct.buffers}) needs numba.cuda")
             log.info("cache on %s and numba.cuda unavailable: state path", ct.buffers)
             return None
-        slots = _lib.seq_cells(self.ctx.ptr, self.seq_id)[0]
+        slots, pos = _lib.seq_cells(self.ctx.ptr, self.seq_id)
         if len(slots) and int(slots[-1]) != len(slots) - 1:  # ascending slots: 0..N-1 exactly
             if self.inplace:
                 raise KVMergeError("compaction in place needs the sequence's cells at slots 0..N-1")
             return None
-        return ct
+        return ct, np.asarray(pos, np.int32)
 
-    def _compact_inplace(self, ct: CacheTensors, plan: Plan, st: KVState | None, key_pos: np.ndarray | None,
-                         reindex: bool, rope: RopeParams | None, t0: float) -> KVState:
-        """:meth:`compact` in place on the cache tensors (same checks, positions and keys as the state path)."""
-        kp = plan.pos if key_pos is None else np.ascontiguousarray(key_pos, dtype=np.int32)
-        if kp.shape != plan.pos.shape:
-            raise ValueError(f"key_pos shape {kp.shape} != the plan's {plan.pos.shape}")
-        n = self.n_cells()
+    def _compact_inplace(self, ct: CacheTensors, pos: np.ndarray, plan: Plan, st: KVState | None, kp: np.ndarray,
+                         cell_pos: np.ndarray, reindex: bool, rope: RopeParams | None, t0: float) -> KVState:
+        """:meth:`compact` in place on the cache tensors; ``pos``: the cells' positions now, ``kp``/``cell_pos``:
+        the slots' key positions and the cells' new positions (checked and derived by :meth:`compact`)."""
+        n = len(pos)
         if plan.n_in != n or (st is not None and st.n_cells != n) or plan.n_layer != self.geom.n_layer or \
                 plan.n_kv_head != self.geom.n_kv_head:
             raise ValueError(f"plan for {plan.n_layer}x{plan.n_kv_head} heads and {plan.n_in} cells does not "
                              f"match the cache ({self.geom.n_layer}x{self.geom.n_kv_head}, {n} cells)")
-        target = np.arange(plan.m, dtype=np.int32)
-        cell_pos = target if reindex else kp.max(axis=(0, 1)).astype(np.int32)
-        if plan.is_identity() and not (reindex and np.any(kp != target)) and np.array_equal(
-                cell_pos, self.cell_positions()):
+        if _is_noop(plan, kp, cell_pos, reindex, pos):
             self.timings["apply"] = time.perf_counter() - t0
             log.info("compaction of %d cells is the identity: nothing written", n)
             return st if st is not None else _LazyState(self, n)
-        delta = (target[None, None, :] - kp) if reindex else None
+        delta = (cell_pos[None, None, :] - kp) if reindex else None
         if not ct.on_host:  # CUDA: the numba.cuda kernels on the device memory; the state blob is the restore source
             compact_device(self.ctx.ptr, self.seq_id, self.geom, ct, plan, cell_pos, delta,
                            (rope or self.rope) if reindex else None, self.read() if st is None else st, self.write)
@@ -381,6 +374,12 @@ class KVBridge:
         if per_kv_head:
             return out.reshape(L, Hk, n_head // Hk, len(slots)).sum(axis=2)
         return out
+
+
+def _is_noop(plan: Plan, kp: np.ndarray, cell_pos: np.ndarray, reindex: bool, pos_now: np.ndarray) -> bool:
+    """True when applying ``plan`` would change nothing: every cell kept in place, no key re-rotated and the
+    cells keeping their positions ``pos_now``."""
+    return plan.is_identity() and not (reindex and np.any(kp != cell_pos)) and np.array_equal(cell_pos, pos_now)
 
 
 class _LazyState:
