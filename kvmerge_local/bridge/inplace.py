@@ -160,9 +160,7 @@ def compact_device(ctx: int, seq_id: int, geom: KVGeometry, ct: CacheTensors, pl
         raise KVMergeError("the cache is in host memory: compact_inplace")
     if restore_state is None:
         raise KVMergeError("compaction on the device needs the state read before it (the restore source)")
-    slots, _ = _lib.seq_cells(ctx, seq_id)
-    if len(slots) != plan.n_in or not np.array_equal(slots, np.arange(plan.n_in)):
-        raise KVMergeError(f"the sequence's {len(slots)} cells are not slots 0..{plan.n_in - 1}")
+    _check_slots(ctx, seq_id, plan.n_in)
     k, v = device_tensors(ct, geom)
     try:
         with IC.synchronized():
@@ -173,13 +171,25 @@ def compact_device(ctx: int, seq_id: int, geom: KVGeometry, ct: CacheTensors, pl
                 IC.rerotate_inplace_cuda(k, idx, cos_t, sin_t, neox=rope.neox, k_type=ct.k_type,
                                          nrot_hadamard=codec.cache_rot_size(ct.k_type, geom.head_dim, "k"))
             _lib.synchronize(ctx)
-        if not _lib.seq_set_cells(ctx, seq_id, np.asarray(cell_pos, np.int32)):
-            raise KVMergeError("llama.cpp refused to rewrite the cells (a pending K shift, or another sequence "
-                               "in the way)")
+        _set_cells(ctx, seq_id, cell_pos)
     except BaseException:
         log.warning("compaction on the device failed; restoring the %d-cell original", plan.n_in)
         write_state(restore_state)
         raise
+
+
+def _check_slots(ctx: int, seq_id: int, n: int) -> None:
+    """KVMergeError unless the sequence holds exactly the cells at slots ``0..n-1`` (what in place assumes)."""
+    slots, _ = _lib.seq_cells(ctx, seq_id)
+    if len(slots) != n or not np.array_equal(slots, np.arange(n)):
+        raise KVMergeError(f"the sequence's {len(slots)} cells are not slots 0..{n - 1}")
+
+
+def _set_cells(ctx: int, seq_id: int, cell_pos: np.ndarray) -> None:
+    """The last, atomic step: cells ``0..m-1`` of the sequence get ``cell_pos`` (int[m]), the rest are freed."""
+    if not _lib.seq_set_cells(ctx, seq_id, np.asarray(cell_pos, np.int32)):
+        raise KVMergeError("llama.cpp refused to rewrite the cells (a pending K shift, or another sequence "
+                           "in the way)")
 
 
 def layer_keys(ct: CacheTensors, geom: KVGeometry, l: int, n: int) -> np.ndarray:
@@ -271,9 +281,7 @@ def compact_inplace(ctx: int, seq_id: int, geom: KVGeometry, ct: CacheTensors, p
 
     if not ct.on_host:
         raise KVMergeError("the cache is not in host memory")
-    slots, _ = _lib.seq_cells(ctx, seq_id)
-    if len(slots) != plan.n_in or not np.array_equal(slots, np.arange(plan.n_in)):
-        raise KVMergeError(f"the sequence's {len(slots)} cells are not slots 0..{plan.n_in - 1}")
+    _check_slots(ctx, seq_id, plan.n_in)
     m = plan.m
     undo = None if restore_state is not None else Undo(ct, changed_from(plan), m, undo_buf)
     _lib.synchronize(ctx)
@@ -283,9 +291,7 @@ def compact_inplace(ctx: int, seq_id: int, geom: KVGeometry, ct: CacheTensors, p
             for l in range(geom.n_layer):
                 view = _LayerKeys(geom, m, ct.k_type, layer_keys(ct, geom, l, m)[None])
                 rerotate_state_keys(view, key_delta[l:l + 1], rope)
-        if not _lib.seq_set_cells(ctx, seq_id, np.asarray(cell_pos, np.int32)):
-            raise KVMergeError("llama.cpp refused to rewrite the cells (a pending K shift, or another sequence "
-                               "in the way)")
+        _set_cells(ctx, seq_id, cell_pos)
     except BaseException:
         log.warning("compaction in place failed; restoring the %d-cell original", plan.n_in)
         if undo is not None:
