@@ -8,6 +8,7 @@ import subprocess
 import sys
 import uuid
 
+import numpy as np
 import pytest
 
 from kvmerge_local.quality import ruler, suite, suite_report
@@ -138,3 +139,53 @@ def test_a_document_longer_than_the_context_is_refused_not_misread(smollm2):
     doc = ruler.generate(1, [2200], 7, lambda t: len(smollm2.model.tokenize(t)), tasks=("niah_single",))[0]
     with pytest.raises(BenchError, match="does not fit n_ctx 1536 uncompressed"):
         suite.prepare(smollm2, doc["context"], need_replay=False)
+
+
+def test_teacher_forced_aggregates_are_paired_differences_and_ratios():
+    rows = []
+    for d in range(8):
+        for q in range(2):
+            base = {"doc": f"d{d}", "q": q, "task": "t", "shape": "number", "depth": 0.5, "cells": 1, "tokens": 2,
+                    "t_compact": 0.0, "score": 0.0}
+            rows.append({**base, "method": "full", "budget": 1.0, "nll": 0.1 * d, "tok_acc": 1.0})
+            rows.append({**base, "method": "m", "budget": 0.5, "nll": 0.1 * d + (0.5 if q else 0.0),
+                         "tok_acc": 0.5 if q else 1.0})
+    agg = {(r["method"], r["budget"]): r for r in suite_report.aggregate(rows)["overall"]}
+    m = agg[("m", 0.5)]
+    assert m["dnll"] == pytest.approx(0.25) and m["dnll_lo"] <= 0.25 <= m["dnll_hi"]
+    assert m["tok_ret"] == pytest.approx(0.75) and m["tok_full"] == pytest.approx(1.0)
+    assert agg[("full", 1.0)]["dnll"] == 0.0 and agg[("full", 1.0)]["dnll_hi"] == 0.0
+    md = suite_report.markdown(suite_report.aggregate(rows), {"model": "x"})
+    assert "| m | 0.5 | 0.250 (" in md
+    # rows without the measures (older result files) aggregate as before, without the table
+    old = [{k: v for k, v in r.items() if k not in ("nll", "tok_acc")} for r in rows]
+    assert "dnll" not in suite_report.aggregate(old)["overall"][0]
+    assert "Teacher-forced" not in suite_report.markdown(suite_report.aggregate(old), {"model": "x"})
+
+
+@pytest.mark.llama
+def test_answer_logprob_matches_a_token_by_token_decode_and_leaves_the_cache(smollm2):
+    """The batch teacher-forced score equals -log softmax read one decode at a time (another llama.cpp path),
+    and the session's cache is as before."""
+    doc = _needle(smollm2, 1, "number")
+    suite.prepare(smollm2, doc["context"], need_replay=False)
+    q, cfg = doc["questions"][0], suite.SuiteConfig(prompt="raw")
+    n0 = smollm2.ctx.n_past
+    nll, tok_acc = suite.answer_logprob(smollm2, q, cfg)
+    assert smollm2.ctx.n_past == n0
+    question = " " + q["question"]
+    t_q = smollm2.chat.question(question, raw=True)[0]
+    t_qa = smollm2.chat.question(question + " " + ", ".join(q["answer"]), raw=True)[0]
+    assert np.array_equal(t_qa[:len(t_q)], t_q)
+    lps, hits = [], []
+    try:
+        logits = smollm2.ctx.decode(t_q, logits="last")
+        for t in t_qa[len(t_q):]:
+            z = logits.astype(np.float64)
+            lps.append(z[t] - (np.log(np.exp(z - z.max()).sum()) + z.max()))
+            hits.append(int(np.argmax(z)) == int(t))
+            logits = smollm2.ctx.decode(np.array([t], np.int32), logits="last")
+    finally:
+        smollm2.bridge.remove_from(n0)
+    assert nll == pytest.approx(-np.mean(lps), abs=2e-2)
+    assert tok_acc == pytest.approx(np.mean(hits))

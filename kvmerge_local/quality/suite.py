@@ -10,7 +10,9 @@ For one document (a :mod:`.ruler` record) and one session:
 4. the full cache is kept (a state blob), and for every (method, budget): the blob is written back, the
    session compacts it with the method and the evidence of its kind -- the same ``compact`` the engine's
    ingest uses -- and every question is asked on that one compressed cache (``reset_chat`` between
-   questions), greedy, up to a newline or ``max_new_tokens``.
+   questions), greedy, up to a newline or ``max_new_tokens``; then the gold answer is scored teacher-forced
+   (:func:`answer_logprob`: its log-likelihood per token and how many of its tokens are the argmax), a
+   measure every question contributes to, not only those the full cache answers.
 
 Sharing steps 1-3 across configurations is what makes a real-model suite affordable on 2 cores: the prefill
 and the replay are paid once per document, not once per configuration.  Compaction and decoding are real.
@@ -58,14 +60,19 @@ def _split_question(text: str) -> tuple[str, str]:
     return text, ""
 
 
+def _question_parts(q: dict, cfg: SuiteConfig) -> tuple[str, str, bool]:
+    """(question, answer cue, raw) as :func:`ask` lays them out."""
+    if cfg.prompt == "raw":
+        return " " + q["question"], "", True
+    question, prefix = _split_question(q["question"])
+    return question, (" " + prefix if prefix else ""), False
+
+
 def ask(session, q: dict, cfg: SuiteConfig) -> str:
     """The reply to question ``q`` on the session's current cache (greedy, up to the first line break)."""
     session.reset_chat()
-    question, prefix = _split_question(q["question"])
-    if cfg.prompt == "raw":
-        gen = session.ask(" " + q["question"], max_new_tokens=_max_new(q, cfg), raw=True)
-    else:
-        gen = session.ask(question, max_new_tokens=_max_new(q, cfg), answer_prefix=" " + prefix if prefix else "")
+    question, cue, raw = _question_parts(q, cfg)
+    gen = session.ask(question, max_new_tokens=_max_new(q, cfg), raw=raw, answer_prefix=cue)
     out = ""
     try:
         for piece in gen:
@@ -75,6 +82,34 @@ def ask(session, q: dict, cfg: SuiteConfig) -> str:
     finally:
         gen.close()
     return out.strip().split("\n", 1)[0]
+
+
+def answer_logprob(session, q: dict, cfg: SuiteConfig) -> tuple[float, float]:
+    """(NLL, token accuracy) of the gold answer after question ``q`` on the session's current cache.
+
+    The question (as :func:`ask` lays it out, with its answer cue) followed by the gold answer (answers
+    joined by ", ") is decoded in one pass; NLL is the mean -log p of the answer tokens (nats per token),
+    token accuracy the fraction of them that are the argmax.  The cache is left as it was."""
+    session.reset_chat()
+    question, cue, raw = _question_parts(q, cfg)
+    answer = " " + ", ".join(q["answer"])
+    t_q, _ = session.chat.question(question, raw=raw, prefix=cue)
+    t_qa, _ = session.chat.question(question + (answer if raw else ""), raw=raw, prefix="" if raw else cue + answer)
+    k = len(t_q)
+    if not np.array_equal(t_qa[:k], t_q):  # the cue's last token merged with the answer's first: score from there
+        k = int(np.argmax(t_qa[:k] != t_q))
+    k = max(1, k)
+    p0, ctx = session.ctx.n_past, session.ctx
+    try:
+        logits = np.concatenate([ctx.decode(t_qa[i:i + ctx.n_batch], logits="all")
+                                 for i in range(0, len(t_qa), ctx.n_batch)]).astype(np.float64)
+    finally:
+        session.bridge.remove_from(p0)
+    rows, target = logits[k - 1:-1], t_qa[k:]
+    top = rows.max(axis=1)
+    lse = np.log(np.exp(rows - top[:, None]).sum(axis=1)) + top
+    lp = rows[np.arange(len(target)), target] - lse
+    return float(-lp.mean()), float(np.mean(rows.argmax(axis=1) == target))
 
 
 @dataclasses.dataclass
@@ -165,9 +200,11 @@ def run_document(session, rec: dict, configs: list[tuple[str, Method, float]], c
         for qi, q in enumerate(rec["questions"]):
             t0 = time.perf_counter()
             out = ask(session, q, cfg)
+            nll, tok_acc = answer_logprob(session, q, cfg)
             rows.append({"doc": rec["id"], "task": rec["task"], "shape": q.get("shape", rec.get("shape", "")),
                          "q": qi, "depth": q.get("depth"), "method": name, "budget": budget,
                          "score": score_all(out, q["answer"]), "output": out, "answer": q["answer"],
+                         "nll": nll, "tok_acc": tok_acc,
                          "tokens": prep.n_tokens, "cells": cells, "t_compact": t_c,
                          "t_prefill": prep.seconds["prefill"], "t_replay": prep.seconds["replay"],
                          "t_decode": time.perf_counter() - t0})

@@ -5,6 +5,12 @@ bootstrap intervals over DOCUMENTS (questions of one document share its compress
 independent), 2000 resamples, seeded.  *Retention* = accuracy of the method / accuracy of the full cache on
 the same questions (a paired ratio: both come from the same resample).  Breakdowns: task type, answer shape
 and needle depth (thirds of the document).
+
+Teacher-forced answer measures (rows with ``nll`` / ``tok_acc``, see :func:`.suite.answer_logprob`): every
+question counts, not only those the full cache answers, so they separate methods that exact-match retention,
+resting on a few dozen answered questions, cannot.  *dNLL* = mean over questions of (the gold answer's NLL per
+token with the method - with the full cache), nats; *token retention* = token accuracy ÷ the full cache's.
+Both are paired and bootstrapped over documents like retention.
 """
 from __future__ import annotations
 
@@ -27,17 +33,22 @@ def _depth_bin(d) -> str:
     return "end"
 
 
+def _resample(docs: list[str], seed: int) -> tuple[np.ndarray, int, np.ndarray]:
+    """(inv, n_doc, w): each question's document index, the number of documents, and float[N_BOOT, n_doc] how
+    often each document is drawn in each bootstrap resample (documents are the resampling unit)."""
+    uniq, inv = np.unique(np.asarray(docs), return_inverse=True)
+    n_doc = len(uniq)
+    idx = np.random.default_rng(seed).integers(0, n_doc, (N_BOOT, n_doc))
+    return inv, n_doc, np.stack([np.bincount(r, minlength=n_doc) for r in idx]).astype(float)
+
+
 def _boot(docs: list[str], method: np.ndarray, full: np.ndarray, seed: int = 0) -> dict:
     """Accuracy and retention with bootstrap intervals; ``method``/``full``: per-question scores in [0, 1],
     ``docs``: the document of each question (the resampling unit)."""
-    uniq, inv = np.unique(np.asarray(docs), return_inverse=True)
-    n_doc = len(uniq)
+    inv, n_doc, w = _resample(docs, seed)
     s_m = np.bincount(inv, weights=method, minlength=n_doc)
     s_f = np.bincount(inv, weights=full, minlength=n_doc)
     cnt = np.bincount(inv, minlength=n_doc).astype(float)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n_doc, (N_BOOT, n_doc))
-    w = np.stack([np.bincount(r, minlength=n_doc) for r in idx]).astype(float)
     acc_b = (w @ s_m) / np.maximum(w @ cnt, 1)
     full_b = (w @ s_f) / np.maximum(w @ cnt, 1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -52,9 +63,29 @@ def _boot(docs: list[str], method: np.ndarray, full: np.ndarray, seed: int = 0) 
             "n": int(len(method)), "n_docs": n_doc}
 
 
+def _boot_diff(docs: list[str], diff: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
+    """(mean, lo, hi): the mean of per-question ``diff`` with a 95% bootstrap interval over documents."""
+    inv, n_doc, w = _resample(docs, seed)
+    s = np.bincount(inv, weights=diff, minlength=n_doc)
+    cnt = np.bincount(inv, minlength=n_doc).astype(float)
+    b = (w @ s) / np.maximum(w @ cnt, 1)
+    return float(diff.mean()), float(np.percentile(b, 2.5)), float(np.percentile(b, 97.5))
+
+
+def _teacher_forced(rs: list[dict], full: dict) -> dict:
+    """dNLL and token-accuracy retention of rows ``rs`` against the full cache's rows ``full`` ((doc, q) -> row)."""
+    docs = [r["doc"] for r in rs]
+    fr = [full[(r["doc"], r["q"])] for r in rs]
+    d, lo, hi = _boot_diff(docs, np.array([r["nll"] - f["nll"] for r, f in zip(rs, fr)], float))
+    tok = _boot(docs, np.array([r["tok_acc"] for r in rs], float), np.array([f["tok_acc"] for f in fr], float))
+    return {"dnll": d, "dnll_lo": lo, "dnll_hi": hi, "tok_acc": tok["acc"], "tok_full": tok["full"],
+            "tok_ret": tok["retention"], "tok_ret_lo": tok["ret_lo"], "tok_ret_hi": tok["ret_hi"]}
+
+
 def aggregate(rows: list[dict]) -> dict:
     """{"overall": [...], "by": {"task"|"shape"|"depth": [...]}}: one entry per method x budget (x group)."""
-    full = {(r["doc"], r["q"]): r["score"] for r in rows if r["method"] == "full"}
+    full_rows = {(r["doc"], r["q"]): r for r in rows if r["method"] == "full"}
+    full = {k: r["score"] for k, r in full_rows.items()}
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         groups[(r["method"], r["budget"])].append(r)
@@ -66,6 +97,8 @@ def aggregate(rows: list[dict]) -> dict:
         base = {"method": method, "budget": budget, "cells": float(np.mean([r["cells"] for r in rs])),
                 "tokens": float(np.mean([r["tokens"] for r in rs])),
                 "t_compact": float(np.mean([r["t_compact"] for r in rs]))}
+        if all("nll" in r for r in rs) and all("nll" in full_rows[(r["doc"], r["q"])] for r in rs):
+            base.update(_teacher_forced(rs, full_rows))
         out["overall"].append({**base, **one(rs)})
         for key, fn in (("task", lambda r: r["task"]), ("shape", lambda r: r["shape"]),
                         ("depth", lambda r: _depth_bin(r.get("depth")))):
@@ -92,6 +125,16 @@ def markdown(agg: dict, meta: dict, ppl: list[dict] | None = None) -> str:
         lines.append(f"| {r['method']} | {r['budget']:g} | {_pct(r['acc'])} ({_pct(r['acc_lo'])}–{_pct(r['acc_hi'])}) "
                      f"| {_pct(r['retention'])} ({_pct(r['ret_lo'])}–{_pct(r['ret_hi'])}) | {r['n']} | {r['n_docs']} "
                      f"| {r['cells']:.0f} / {r['tokens']:.0f} | {r['t_compact']:.2f} |")
+    tf = [r for r in agg["overall"] if "dnll" in r]
+    if tf:
+        lines += ["", "## Teacher-forced gold answer (every question counts)", "",
+                  "dNLL: the gold answer's NLL per token with the method minus with the full cache (nats; 0 = as the "
+                  "full cache); token acc: answer tokens that are the argmax.", "",
+                  "| method | budget | dNLL (95% CI) | token acc % | token retention % (95% CI) |",
+                  "| --- | --- | --- | --- | --- |"]
+        for r in sorted(tf, key=lambda r: (-r["budget"], r["dnll"])):
+            lines.append(f"| {r['method']} | {r['budget']:g} | {r['dnll']:.3f} ({r['dnll_lo']:.3f}–{r['dnll_hi']:.3f}) "
+                         f"| {_pct(r['tok_acc'])} | {_pct(r['tok_ret'])} ({_pct(r['tok_ret_lo'])}–{_pct(r['tok_ret_hi'])}) |")
     for key in ("task", "shape", "depth"):
         rows = agg["by"][key]
         cols = sorted({r[key] for r in rows})
@@ -116,8 +159,21 @@ def markdown(agg: dict, meta: dict, ppl: list[dict] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _finish(plt, fig, ax, ref: float, ylabel: str, path: Path) -> Path:
+    """Reference line at ``ref``, labels, legend; save ``fig`` to ``path`` and close it."""
+    ax.axhline(ref, color="k", lw=0.8, ls="--")
+    ax.set_xlabel("budget (fraction of the document's cells kept)")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plots(agg: dict, out: Path) -> list[Path]:
-    """retention_vs_budget.png and accuracy_by_depth.png (matplotlib, Agg)."""
+    """retention_vs_budget.png and, with teacher-forced rows, answer_nll_vs_budget.png (matplotlib, Agg)."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
@@ -137,16 +193,16 @@ def plots(agg: dict, out: Path) -> list[Path]:
         hi = [100 * r["ret_hi"] for r in rs]
         ax.plot(x, y, marker="o", label=m)
         ax.fill_between(x, lo, hi, alpha=0.12)
-    ax.axhline(100, color="k", lw=0.8, ls="--")
-    ax.set_xlabel("budget (fraction of the document's cells kept)")
-    ax.set_ylabel("retention of full-cache accuracy, %")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    p = out / "retention_vs_budget.png"
-    fig.tight_layout()
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(_finish(plt, fig, ax, 100, "retention of full-cache accuracy, %", out / "retention_vs_budget.png"))
+    if any("dnll" in r for r in agg["overall"]):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for m, rs in sorted(by_m.items()):
+            rs = [r for r in rs if "dnll" in r]
+            if rs:
+                ax.errorbar([r["budget"] for r in rs], [r["dnll"] for r in rs], marker="o", label=m, capsize=3,
+                            yerr=[[r["dnll"] - r["dnll_lo"] for r in rs], [r["dnll_hi"] - r["dnll"] for r in rs]])
+        paths.append(_finish(plt, fig, ax, 0, "gold answer NLL - full cache's (nats/token)",
+                             out / "answer_nll_vs_budget.png"))
     return paths
 
 
