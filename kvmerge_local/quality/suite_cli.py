@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="chat", choices=["chat", "raw"])
     p.add_argument("--n-ctx", type=int, default=None, help="default: the longest document + 640")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--kv-type", default="f16", choices=["f16", "bf16", "q8_0", "q4_0"],
+                   help="the cache's element type (q8_0 / q4_0 halve / quarter its memory before any eviction)")
     p.add_argument("--ppl", type=Path, default=None, help="JSONL {id, text}: also measure held-out perplexity")
     p.add_argument("--ppl-limit", type=int, default=None, help="at most this many perplexity texts")
     p.add_argument("--out", required=True, type=Path)
@@ -75,12 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         model = a.model if a.model is not None else str(default_document_model())
         t0 = time.perf_counter()
         docs, n_ctx = _documents(a, model, lengths, tasks)
-        with Session.open(model, n_ctx=n_ctx, n_threads=a.threads,
+        with Session.open(model, n_ctx=n_ctx, n_threads=a.threads, kv_type=a.kv_type,
                           chat_format="raw" if a.prompt == "raw" else None) as s:
             rows = _run(s, docs, configs, suite.SuiteConfig(prompt=a.prompt), a.quiet)
             label = s.model_label
         ppl = _perplexity(a, names, budgets, model, n_ctx) if a.ppl else None
-        meta = {"model": label, "prompt": a.prompt, "n_ctx": n_ctx, "documents": len(docs),
+        meta = {"model": label, "prompt": a.prompt, "kv_type": a.kv_type, "n_ctx": n_ctx, "documents": len(docs),
                 "lengths": a.lengths, "seed": a.seed, "seconds": round(time.perf_counter() - t0, 1)}
         paths = suite_report.write(a.out, rows, meta, ppl)
     except (KVMergeError, ValueError) as e:
@@ -107,7 +109,7 @@ def _documents(a, model: str, lengths: list[int], tasks: tuple[str, ...]) -> tup
 def _perplexity(a, names: list[str], budgets: list[float], model: str, n_ctx: int) -> list[dict]:
     """Perplexity rows for every (method, budget) on ``--ppl``'s texts (one session per configuration)."""
     texts = perplexity.load_texts(a.ppl, a.ppl_limit)
-    cfg = RunConfig(model=model, n_ctx=n_ctx, n_threads=a.threads)
+    cfg = RunConfig(model=model, n_ctx=n_ctx, n_threads=a.threads, kv_type=a.kv_type)
     update, close = progress_bar(len(texts) * len(config_pairs(names, budgets)), a.quiet, "perplexity", "text")
     try:
         return perplexity.run(texts, names, budgets, cfg, progress=update)
