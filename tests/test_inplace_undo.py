@@ -63,7 +63,8 @@ def _plans() -> dict:
     k = (np.cumsum(rng.standard_normal((L, H, N, d)), 2) * 0.3).astype(np.float32)
     v = rng.standard_normal((L, H, N, d)).astype(np.float32)
     ev = rng.random((L, H, N)).astype(np.float32)
-    plans = {"select": _plan(sel), "dup": _plan(dup), "back": _plan(back),
+    mixed = np.where(np.arange(L * H * m) // m % 2 == 0, sel, back)  # selection heads and others in a layer
+    plans = {"select": _plan(sel), "dup": _plan(dup), "back": _plan(back), "mixed": _plan(mixed),
              "kvmerger": get_method("kvmerger", n_sink=2, n_recent=3).plan(k, v, None, ev, m),
              "kvmerger+budget": get_method("kvmerger+budget", n_sink=2, n_recent=3).plan(k, v, None, ev, m),
              "cam+h2o": get_method("cam+h2o").plan(k, v, None, ev, m)}
@@ -114,26 +115,28 @@ def test_copies_land_and_undo_restores_every_byte(kt, vt, trans, name):
     assert undo.units == []
 
 
+@pytest.mark.parametrize("plan_name", ["select", "back"])
 @pytest.mark.parametrize("trans", [False, True])
-@pytest.mark.parametrize("wrong", ["ascending", "no-late"])
-def test_a_wrong_restore_is_caught(monkeypatch, trans, wrong):
-    """The check above fails when the undo is wrong: swaps repeated in ascending order, late slots left."""
+@pytest.mark.parametrize("wrong", ["repeat", "no-late"])
+def test_a_wrong_restore_is_caught(monkeypatch, trans, wrong, plan_name):
+    """The check above fails when the undo is wrong: the permutation applied again instead of undone, or the
+    late slots not put back -- in K (rows) and in V (rows or transposed) alike."""
     kl, vl, k0, v0 = _setup(F16, F16, trans)
-    plan = PLANS["back" if wrong == "ascending" else "kvmerger"]
+    plan = PLANS[plan_name if wrong == "repeat" else "kvmerger"]
     undo = I.apply_inplace(kl, vl, plan, v_trans=trans, k_type=F16, v_type=F16)
-    if wrong == "ascending":
+    if wrong == "repeat":
         monkeypatch.setattr(S, "unswap_rows", lambda a, hb, fw: S.swap_rows(a, hb, fw, 1))
-        monkeypatch.setattr(S, "unswap_elems", S.swap_elems)
+        monkeypatch.setattr(S, "unpartition_elems", S.partition_elems)
     else:
         monkeypatch.setattr(S, "restore_late_rows", lambda *a: None)
         monkeypatch.setattr(S, "restore_late_elems", lambda *a: None)
     undo.restore()
-    assert not (_same(kl, k0) and _same(vl, v0))
+    assert not _same(kl, k0) and not _same(vl, v0)
 
 
 def test_a_selection_saves_nothing_and_swaps_sort_the_plan():
     """A selection is all swaps (no late slot, nothing saved); ``dup`` and ``back`` need late slots."""
-    for name, w_late in (("select", False), ("dup", True), ("back", True)):
+    for name, w_late in (("select", False), ("dup", True), ("back", True), ("mixed", True)):
         p = PLANS[name]
         cf, fw, late, off = I._swap_plans(p.offsets, p.src, p.wk, N)
         assert (len(late) > 0) == w_late, name
@@ -142,6 +145,10 @@ def test_a_selection_saves_nothing_and_swaps_sort_the_plan():
             for h in range(H):
                 used = fw[l, h][fw[l, h] >= 0]
                 assert len(np.unique(used)) == len(used)
+        lo = S.partition_plan(cf[0], fw[0], N)[0]  # selection heads partition, the others swap
+        assert np.all(lo >= 0) if name == "select" else np.any(lo < 0), name
+        if name == "mixed":
+            assert np.all(lo[::2] >= 0) and np.all(lo[1::2] < 0)
 
 
 @pytest.mark.parametrize("trans", [False, True])
@@ -149,7 +156,7 @@ def test_failure_part_way_restores_the_layers_written(monkeypatch, trans):
     kt = F16 if trans else Q8
     kl, vl, k0, v0 = _setup(kt, F16, trans)
     plan = PLANS["kvmerger"]
-    name = "swap_elems" if trans else "swap_rows"
+    name = "partition_elems" if trans else "swap_rows"
     real, calls = getattr(S, name), []
     fail_at = 2 if trans else 3  # layer 1's V (transposed) or layer 1's K (rows): 3 or 2 tensors written
 
@@ -167,3 +174,33 @@ def test_failure_part_way_restores_the_layers_written(monkeypatch, trans):
     assert not (_same(kl, k0) and _same(vl, v0))
     undo.restore()
     assert _same(kl, k0) and _same(vl, v0)
+
+
+@pytest.mark.parametrize("vt", [F16, BF16])
+def test_partition_of_long_rows(vt):
+    """Transposed 16-bit V of a selection over 200 cells: the 32-cell compress steps, not only the cell-by-cell
+    tail the small layouts above reach; kept cells land in order, the undo gives every byte back."""
+    n, mm, kv, hh, dd = 200, 70, 232, 3, 8
+    rng = np.random.default_rng(11)
+    keep = [np.sort(np.append(rng.choice(n - 1, mm - 1, replace=False), n - 1)) for _ in range(hh)]
+    keep[1][:40] = np.arange(40)  # a head whose first 40 slots are their own cells: the partition starts at 32
+    keep[1][40:] = np.sort(rng.choice(np.arange(40, n - 1), mm - 41, replace=False).tolist() + [n - 1])
+    src = np.concatenate(keep)
+    off = np.zeros((1, hh, mm + 1), np.int64)
+    off[0, :, 1:] = np.arange(1, mm + 1)
+    off += (np.arange(hh) * mm).reshape(1, hh, 1)
+    ones = np.ones(len(src), np.float32)
+    pos = np.broadcast_to(np.arange(mm, dtype=np.int32), (1, hh, mm)).copy()
+    plan = Plan(n, off, src.astype(np.int32), ones, ones, pos)
+    k = [_encode(rng.standard_normal((kv, hh * 32)).astype(np.float32), F16).copy()]
+    v = [_encode(rng.standard_normal((hh * dd * kv, 1)).astype(np.float32), vt).view(np.uint16).reshape(hh * dd, kv)
+         .copy()]
+    k0, v0 = [k[0].copy()], [v[0].copy()]
+    undo = I.apply_inplace(k, v, plan, v_trans=True, k_type=F16, v_type=vt)
+    for h in range(hh):
+        assert np.array_equal(v[0][h * dd:(h + 1) * dd, :mm], v0[0][h * dd:(h + 1) * dd, keep[h]])
+    part = undo.units[-1][-1]
+    if I.HAS_VBMI2:
+        assert part is not None and list(part[0]) == [0, 32, 0]
+    undo.restore()
+    assert _same(k, k0) and _same(v, v0)

@@ -267,8 +267,9 @@ class KeySnapshot:
 def compact_inplace(ctx: int, seq_id: int, geom: KVGeometry, ct: CacheTensors, plan: Plan, cell_pos: np.ndarray,
                     key_delta: np.ndarray | None, rope, restore_state=None, write_state=None,
                     undo_buf: np.ndarray | None = None) -> np.ndarray | None:
-    """Apply ``plan`` in place on the cache tensors ``ct`` of the sequence's cells ``0..plan.n_in-1``, re-rotate
-    the kept keys by ``key_delta`` (int[L, H, m], None: none), and make cells ``0..m-1`` hold ``cell_pos``.
+    """Apply ``plan`` (validated by the caller, :meth:`KVBridge.compact`) in place on the cache tensors ``ct`` of
+    the sequence's cells ``0..plan.n_in-1``, re-rotate the kept keys by ``key_delta`` (int[L, H, m], None:
+    none), and make cells ``0..m-1`` hold ``cell_pos``.
 
     The apply permutes the cells and returns its exact undo (:class:`~kvmerge_local.kernels.inplace.InplaceUndo`);
     a re-rotation first copies the compacted keys (:class:`KeySnapshot`, into ``undo_buf`` when large enough;
@@ -286,7 +287,8 @@ def compact_inplace(ctx: int, seq_id: int, geom: KVGeometry, ct: CacheTensors, p
     undo, snap = InplaceUndo(), None
     _lib.synchronize(ctx)
     try:
-        apply_inplace(ct.k, ct.v, plan, v_trans=ct.v_trans, k_type=ct.k_type, v_type=ct.v_type, undo=undo)
+        apply_inplace(ct.k, ct.v, plan, v_trans=ct.v_trans, k_type=ct.k_type, v_type=ct.v_type, undo=undo,
+                      validated=True)
         if key_delta is not None and np.any(key_delta):
             snap = KeySnapshot(ct, m, undo_buf)
             for l in range(geom.n_layer):

@@ -38,6 +38,7 @@ from ..plan import Plan
 from . import inplace_swap as S
 from .apply import _copy_source
 from .f16 import as_kernel_array, load_math, store_row
+from .intrinsics import HAS_VBMI2
 
 _BF16 = TYPE_IDS["bf16"]
 
@@ -207,16 +208,19 @@ class InplaceUndo:
     see :mod:`.inplace_swap`.  Tensors are recorded as each finishes, so a failure part-way restores those."""
 
     def __init__(self) -> None:
-        self.units: list = []  # (a, transposed, head_bytes or d, fw, late, saved)
+        self.units: list = []  # (a, transposed, head_bytes or d, fw, late, saved, partition or None)
 
     def restore(self) -> None:
         """Undo every recorded tensor, the last first."""
         while self.units:
-            a, trans, w, fw, late, saved = self.units.pop()
+            a, trans, w, fw, late, saved, part = self.units.pop()
             if trans:
                 if len(late):
                     S.restore_late_elems(a, w, late, saved)
-                S.unswap_elems(a, w, fw)
+                if part is None:
+                    S.unswap_elems(a, w, fw)
+                else:
+                    S.unpartition_elems(a, w, fw, part[:5], int(part[5]))
             else:
                 if len(late):
                     S.restore_late_rows(a, w, late, saved)
@@ -274,12 +278,14 @@ def _apply_layer_rows(a: np.ndarray, type_id: int, plan: Plan, l: int, w: np.nda
     S.swap_rows(a, hbytes, fw, n_groups)
     if len(late):
         S.write_late_rows(a, hbytes, late, scratch, saved)
-    undo.units.append((a, False, hbytes, fw, late, saved))
+    undo.units.append((a, False, hbytes, fw, late, saved, None))
 
 
-def _apply_layer_transposed(a: np.ndarray, type_id: int, plan: Plan, l: int, undo: InplaceUndo, kinds) -> None:
+def _apply_layer_transposed(a: np.ndarray, type_id: int, plan: Plan, l: int, undo: InplaceUndo, kinds,
+                            part) -> None:
     """One transposed V layer ``[n_embd_v_gqa, kv_size]`` (float16, float32, or bf16 bits as uint16) in place.
-    bf16 merges decode the plan's input cells to float32 (exact), merge there and encode half-to-even."""
+    bf16 merges decode the plan's input cells to float32 (exact), merge there and encode half-to-even.
+    ``part``: the layer's :func:`~.inplace_swap.partition_plan` (16-bit types with VBMI2), else None: swaps."""
     n = plan.n_in
     if a.dtype == np.float16:
         a = as_kernel_array(a)
@@ -301,14 +307,19 @@ def _apply_layer_transposed(a: np.ndarray, type_id: int, plan: Plan, l: int, und
         out = np.empty((len(late), d), a.dtype)
         _late_elems(a.reshape(-1), 0, d * rs, 1, rs, d, *args, out)
     saved = np.empty_like(out)
-    S.swap_elems(a, d, fw)
+    if part is not None:  # selection heads: a stable partition with vpcompressw
+        S.partition_elems(a, d, fw, part, n)
+        part = (*part, np.int64(n))
+    else:
+        S.swap_elems(a, d, fw)
     if len(late):
         S.write_late_elems(a, d, late, out, saved)
-    undo.units.append((a, True, d, fw, late, saved))
+    undo.units.append((a, True, d, fw, late, saved, part))
 
 
 def apply_inplace(k_layers, v_layers, plan: Plan, *, v_trans: bool, k_type: int, v_type: int,
-                  undo: InplaceUndo | None = None, n_threads: int | None = None) -> InplaceUndo:
+                  undo: InplaceUndo | None = None, n_threads: int | None = None,
+                  validated: bool = False) -> InplaceUndo:
     """Apply ``plan`` to the cache's own per-layer tensors in place: afterwards cells ``0..m-1`` of every layer
     hold the compacted K and V (cells ``m..`` hold a permutation of what the compaction moved out; the caller
     frees them).  Returns the :class:`InplaceUndo` (``undo``, filled, when given) that puts everything back.
@@ -317,8 +328,10 @@ def apply_inplace(k_layers, v_layers, plan: Plan, *, v_trans: bool, k_type: int,
     ``v_trans`` the element-typed ``[n_embd_v_gqa, kv_size]`` matrix (float16/float32/uint16 bf16 bits).
     ``k_type``/``v_type``: ggml type ids.  The plan's input cells are cells ``0..plan.n_in-1``.
     ``n_threads``: Numba threads the row kernels split the heads over (default: ``numba.get_num_threads()``).
+    ``validated``: the caller has just run ``plan.validate()`` (it costs ~5% of a compaction's time).
     """
-    plan.validate()
+    if not validated:
+        plan.validate()
     _check(k_layers, v_layers, plan, v_trans)
     if TYPES[v_type].view is None and v_trans:
         raise ValueError("a quantized V cache is never transposed")
@@ -332,10 +345,14 @@ def apply_inplace(k_layers, v_layers, plan: Plan, *, v_trans: bool, k_type: int,
         cf, fw, late, off = p
         return cf[l], fw[l], late[off[l]:off[l + 1]]
 
+    H, parts = plan.n_kv_head, None
+    if v_trans and HAS_VBMI2 and TYPES[v_type].block_bytes == 2:  # f16, bf16: every layer's heads at once
+        parts = S.partition_plan(kv[0].reshape(-1, plan.m), kv[1].reshape(-1, plan.m), plan.n_in)
     for l in range(plan.n_layer):
         _apply_layer_rows(k_layers[l], k_type, plan, l, plan.wk, undo, g, kinds(kk, l))
         if v_trans:
-            _apply_layer_transposed(v_layers[l], v_type, plan, l, undo, kinds(kv, l))
+            part = None if parts is None else tuple(x[l * H:(l + 1) * H] for x in parts)
+            _apply_layer_transposed(v_layers[l], v_type, plan, l, undo, kinds(kv, l), part)
         else:
             _apply_layer_rows(v_layers[l], v_type, plan, l, plan.wv, undo, g, kinds(kv, l))
     return undo

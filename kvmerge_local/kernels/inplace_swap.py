@@ -27,8 +27,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .prefetch import prefetch
+from .intrinsics import compress32_u16, prefetch
 
+_ALL = np.uint32(0xFFFFFFFF)  # a compress of every lane: a plain 32-element copy
 PREFETCH_SLOTS = 4  # how many slots ahead the row kernels prefetch their sources (best of 2..16 measured)
 
 
@@ -90,22 +91,137 @@ def _permute_row(r, c, reverse):
             r[s] = t
 
 
+@njit(cache=True)
+def _permute_head(a, d, fw, h, reverse):
+    """:func:`_permute_row` on each of head ``h``'s ``d`` element rows of a transposed ``a``."""
+    for e in range(d):
+        _permute_row(a[h * d + e], fw[h], reverse)
+
+
 @njit(cache=True, parallel=True)
 def swap_elems(a, d, fw):  # pragma: no cover - compiled
     """The swaps of ``fw`` on a transposed ``a`` ``[H * d, kv_size]``: each element row of head ``h`` in turn
     (it stays in cache), the heads over the Numba threads.  (Scanning ``fw`` with a branch measured faster
     than a list of the swaps, and than gathering the net permutation from a copy of the row.)"""
     for h in prange(fw.shape[0]):
-        for e in range(d):
-            _permute_row(a[h * d + e], fw[h], False)
+        _permute_head(a, d, fw, h, False)
 
 
 @njit(cache=True)
 def unswap_elems(a, d, fw):
     """Undo :func:`swap_elems`."""
     for h in range(fw.shape[0]):
+        _permute_head(a, d, fw, h, True)
+
+
+@njit(cache=True)
+def partition_plan(cf, fw, n):
+    """For a transposed 16-bit layer, the heads whose swaps may be replaced by a *stable partition* of cells
+    ``0..n-1`` (no late slot, copy sources ascending -- a selection): cells kept, in order, to slots ``0..m-1``,
+    the others, in order, after them.  ``lo`` int64[H]: where the partition starts, a multiple of 32 (-1: the
+    head swaps); ``keep``/``drop`` uint32[H, W] bit ``c % 32`` of word ``c // 32`` set for a kept / other cell
+    ``>= lo`` below ``n``; ``n_keep``/``n_drop`` int64[H, W] their counts per word."""
+    H, m = cf.shape
+    W = (n + 31) // 32
+    lo = np.full(H, -1, np.int64)
+    keep = np.zeros((H, W), np.uint32)
+    drop = np.zeros((H, W), np.uint32)
+    n_keep = np.zeros((H, W), np.int64)
+    n_drop = np.zeros((H, W), np.int64)
+    for h in range(H):
+        first, prev, ok = m, -1, True
+        for j in range(m):
+            s = cf[h, j]
+            if (s != j and fw[h, j] < 0) or s <= prev:
+                ok = False
+                break
+            prev = s
+            if s != j and first == m:
+                first = j
+        if not ok:
+            continue
+        c0 = first // 32 * 32
+        lo[h] = c0
+        kw = np.zeros(W, np.int64)
+        for j in range(m):
+            c = cf[h, j]
+            if c >= c0:
+                kw[c >> 5] |= np.int64(1) << (c & 31)
+                n_keep[h, c >> 5] += 1
+        for wi in range(c0 >> 5, W):
+            width = min(n - wi * 32, 32)
+            keep[h, wi] = np.uint32(kw[wi])
+            drop[h, wi] = np.uint32(((np.int64(1) << width) - 1) & ~kw[wi])
+            n_drop[h, wi] = width - n_keep[h, wi]
+    return lo, keep, drop, n_keep, n_drop
+
+
+@njit(cache=True)
+def _is_kept(keep, h, c):
+    """1 when cell ``c`` of head ``h`` is kept (bit ``c % 32`` of ``keep[h, c // 32]``), else 0."""
+    return np.int64((keep[h, c >> 5] >> np.uint32(c & 31)) & np.uint32(1))
+
+
+@njit(cache=True, parallel=True)
+def partition_elems(a, d, fw, part, n):  # pragma: no cover - compiled
+    """:func:`swap_elems` on a 16-bit transposed ``a`` (uint16 ``[H * d, kv_size]``), with the heads that
+    allow it (:func:`partition_plan`, ``part``) stably partitioned instead: per 32 cells one compress-store of
+    the others to a scratch row and one of the kept in place (``vpcompressw`` where the CPU has it), then the
+    others copied after the kept.  Same slots ``0..m-1``, another permutation of the rest:
+    :func:`unpartition_elems` undoes it."""
+    lo, keep, drop, n_keep, n_drop = part
+    for h in prange(fw.shape[0]):
+        c0 = lo[h]
+        if c0 < 0:
+            _permute_head(a, d, fw, h, False)
+            continue
+        tmp = np.empty(n - c0 + 32, np.uint16)
+        n_full = c0 + (n - c0) // 32 * 32
         for e in range(d):
-            _permute_row(a[h * d + e], fw[h], True)
+            r = a[h * d + e]
+            k, o, c = c0, 0, c0
+            while c < n_full:
+                wi = c >> 5
+                compress32_u16(tmp, o, r, c, drop[h, wi])  # first: the kept store below may overwrite these
+                compress32_u16(r, k, r, c, keep[h, wi])
+                o += n_drop[h, wi]
+                k += n_keep[h, wi]
+                c += 32
+            for c in range(n_full, n):  # the last cells one by one
+                kept = _is_kept(keep, h, c)
+                r[k] = r[c]  # (a dropped cell's copy here is overwritten: k stays)
+                tmp[o] = r[c]
+                k += kept
+                o += 1 - kept
+            i = 0
+            while i + 32 <= o:  # the others after the kept, 32 at a time (a scalar loop measured 3x slower)
+                compress32_u16(r, k + i, tmp, i, _ALL)
+                i += 32
+            for i in range(i, o):
+                r[k + i] = tmp[i]
+
+
+@njit(cache=True)
+def unpartition_elems(a, d, fw, part, n):
+    """Undo :func:`partition_elems`."""
+    lo, keep = part[0], part[1]
+    m = fw.shape[1]
+    for h in range(fw.shape[0]):
+        c0 = lo[h]
+        if c0 < 0:
+            _permute_head(a, d, fw, h, True)
+            continue
+        for e in range(d):
+            r = a[h * d + e]
+            tmp = r[c0:n].copy()
+            ki, oi = 0, m - c0
+            for c in range(c0, n):
+                if _is_kept(keep, h, c):
+                    r[c] = tmp[ki]
+                    ki += 1
+                else:
+                    r[c] = tmp[oi]
+                    oi += 1
 
 
 @njit(cache=True)
