@@ -1,9 +1,11 @@
-"""``prefetch(a, i)``: a software prefetch of the cache line holding element ``i`` of a C-contiguous array,
-for Numba kernels whose reads the hardware prefetcher cannot predict (the in-place compaction's per-head
-gathers: the next slots' sources are known a few slots ahead).
+"""LLVM intrinsics for the in-place compaction kernels (:mod:`.inplace_swap`), usable inside Numba code.
 
-It is LLVM's ``llvm.prefetch`` (read, high locality, data cache): a hint, never a fault, so ``i`` may be any
-index of the array's buffer.  In Python (not compiled) it does nothing.
+- ``prefetch(a, i)``: a software prefetch of the cache line holding element ``i`` of a C-contiguous array, for
+  reads the hardware prefetcher cannot predict (the per-head gathers: the next slots' sources are known a few
+  slots ahead).  LLVM's ``llvm.prefetch`` (read, high locality, data cache): a hint, never a fault, so ``i``
+  may be any index of the array's buffer.
+- ``compress32_u16(dst, di, src, si, mask)``: 32 uint16 lanes packed by a bit mask (``vpcompressw``), only
+  where :data:`HAS_VBMI2`; the transposed V layers of a selection are compacted with it.
 """
 from __future__ import annotations
 
