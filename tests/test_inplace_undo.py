@@ -125,8 +125,9 @@ def test_a_wrong_restore_is_caught(monkeypatch, trans, wrong, plan_name):
     plan = PLANS[plan_name if wrong == "repeat" else "kvmerger"]
     undo = I.apply_inplace(kl, vl, plan, v_trans=trans, k_type=F16, v_type=F16)
     if wrong == "repeat":
-        monkeypatch.setattr(S, "unswap_rows", lambda a, hb, fw: S.swap_rows(a, hb, fw, 1))
-        monkeypatch.setattr(S, "unpartition_elems", S.partition_elems)
+        monkeypatch.setattr(S, "unswap_rows", lambda a, hb, fw: S.swap_rows(a, hb, fw, 1, np.zeros(1, np.int64)))
+        monkeypatch.setattr(S, "unpartition_elems", lambda a, d, fw, part, n: S.partition_elems(
+            a, d, fw, part, n, np.zeros(1, np.int64)))
     else:
         monkeypatch.setattr(S, "restore_late_rows", lambda *a: None)
         monkeypatch.setattr(S, "restore_late_elems", lambda *a: None)
@@ -170,10 +171,27 @@ def test_failure_part_way_restores_the_layers_written(monkeypatch, trans):
     undo = I.InplaceUndo()
     with pytest.raises(RuntimeError, match="injected"):
         I.apply_inplace(kl, vl, plan, v_trans=trans, k_type=kt, v_type=F16, undo=undo)
-    assert len(undo.units) == (3 if trans else 2)
+    assert len(undo.units) == (4 if trans else 3) and undo.units[-1][-1][0] == 0  # recorded, not run
     assert not (_same(kl, k0) and _same(vl, v0))
     undo.restore()
     assert _same(kl, k0) and _same(vl, v0)
+
+
+@pytest.mark.parametrize("trans", [False, True])
+def test_failure_between_the_swaps_and_the_late_slots(monkeypatch, trans):
+    """A tensor permuted but its late slots not written (stage 1): the undo repeats only the swaps."""
+    kl, vl, k0, v0 = _setup(F16, F16, trans)
+    monkeypatch.setattr(S, "write_late_elems" if trans else "write_late_rows", lambda *a: _raise())
+    undo = I.InplaceUndo()
+    with pytest.raises(RuntimeError, match="injected"):
+        I.apply_inplace(kl, vl, PLANS["kvmerger"], v_trans=trans, k_type=F16, v_type=F16, undo=undo)
+    assert undo.units[-1][-1][0] == 1
+    undo.restore()
+    assert _same(kl, k0) and _same(vl, v0)
+
+
+def _raise():
+    raise RuntimeError("injected")
 
 
 @pytest.mark.parametrize("simd", [True, False])
@@ -202,9 +220,9 @@ def test_partition_of_long_rows(monkeypatch, vt, simd):
     undo = I.apply_inplace(k, v, plan, v_trans=True, k_type=F16, v_type=vt)
     for h in range(hh):
         assert np.array_equal(v[0][h * dd:(h + 1) * dd, :mm], v0[0][h * dd:(h + 1) * dd, keep[h]])
-    part = undo.units[-1][-1]
+    part = undo.units[-1][6]
     if I.HAS_VBMI2:
-        assert part is not None and list(part[0]) == [0, 32, 0]
+        assert part is not None and list(part[0][0]) == [0, 32, 0]
     else:
         assert part is None
     undo.restore()

@@ -203,28 +203,29 @@ def _check(k_layers, v_layers, plan: Plan, v_trans: bool) -> None:
 
 class InplaceUndo:
     """How to put the cache back after :func:`apply_inplace` (exactly, bit for bit): per (layer, K or V)
-    tensor applied, the swaps (``fw`` int32[H, m]) and the late slots (``late`` int64[n, 2]) with their saved
-    previous contents (``saved``: uint8[n, head_bytes], or ``[n, d]`` in the element dtype when transposed) --
-    see :mod:`.inplace_swap`.  Tensors are recorded as each finishes, so a failure part-way restores those."""
+    tensor, the swaps (``fw`` int32[H, m]) and the late slots (``late`` int64[n, 2]) with their saved previous
+    contents (``saved``: uint8[n, head_bytes], or ``[n, d]`` in the element dtype when transposed) -- see
+    :mod:`.inplace_swap`.  A tensor is recorded before its kernels run, with ``stage`` (int64[1]) that they set
+    as their last step (1: permuted, 2: late slots written), so a failure part-way -- even an interrupt between
+    two kernels -- restores exactly what was written."""
 
     def __init__(self) -> None:
-        self.units: list = []  # (a, transposed, head_bytes or d, fw, late, saved, partition or None)
+        self.units: list = []  # (a, transposed, head_bytes or d, fw, late, saved, partition or None, stage)
 
     def restore(self) -> None:
         """Undo every recorded tensor, the last first."""
         while self.units:
-            a, trans, w, fw, late, saved, part = self.units.pop()
-            if trans:
-                if len(late):
-                    S.restore_late_elems(a, w, late, saved)
-                if part is None:
-                    S.unswap_elems(a, w, fw)
-                else:
-                    S.unpartition_elems(a, w, fw, part[:5], int(part[5]))
-            else:
-                if len(late):
-                    S.restore_late_rows(a, w, late, saved)
+            a, trans, w, fw, late, saved, part, stage = self.units.pop()
+            if stage[0] >= 2:
+                (S.restore_late_elems if trans else S.restore_late_rows)(a, w, late, saved)
+            if stage[0] < 1:
+                continue
+            if not trans:
                 S.unswap_rows(a, w, fw)
+            elif part is None:
+                S.unswap_elems(a, w, fw)
+            else:
+                S.unpartition_elems(a, w, fw, *part)
 
 
 def _late_rows_coded(a: np.ndarray, type_id: int, plan: Plan, l: int, w: np.ndarray, cf, late) -> np.ndarray:
@@ -274,11 +275,11 @@ def _apply_layer_rows(a: np.ndarray, type_id: int, plan: Plan, l: int, w: np.nda
         scratch = out.view(np.uint8)
     else:
         scratch = _late_rows_coded(a, type_id, plan, l, w, cf, late)
-    saved = np.empty_like(scratch)
-    S.swap_rows(a, hbytes, fw, n_groups)
+    saved, stage = np.empty_like(scratch), np.zeros(1, np.int64)
+    undo.units.append((a, False, hbytes, fw, late, saved, None, stage))
+    S.swap_rows(a, hbytes, fw, n_groups, stage)
     if len(late):
-        S.write_late_rows(a, hbytes, late, scratch, saved)
-    undo.units.append((a, False, hbytes, fw, late, saved, None))
+        S.write_late_rows(a, hbytes, late, scratch, saved, stage)
 
 
 def _apply_layer_transposed(a: np.ndarray, type_id: int, plan: Plan, l: int, undo: InplaceUndo, kinds,
@@ -306,15 +307,14 @@ def _apply_layer_transposed(a: np.ndarray, type_id: int, plan: Plan, l: int, und
     else:  # bf16 copies only: raw bits
         out = np.empty((len(late), d), a.dtype)
         _late_elems(a.reshape(-1), 0, d * rs, 1, rs, d, *args, out)
-    saved = np.empty_like(out)
+    saved, stage = np.empty_like(out), np.zeros(1, np.int64)
+    undo.units.append((a, True, d, fw, late, saved, None if part is None else (part, n), stage))
     if part is not None:  # selection heads: a stable partition with vpcompressw
-        S.partition_elems(a, d, fw, part, n)
-        part = (*part, np.int64(n))
+        S.partition_elems(a, d, fw, part, n, stage)
     else:
-        S.swap_elems(a, d, fw)
+        S.swap_elems(a, d, fw, stage)
     if len(late):
-        S.write_late_elems(a, d, late, out, saved)
-    undo.units.append((a, True, d, fw, late, saved, part))
+        S.write_late_elems(a, d, late, out, saved, stage)
 
 
 def apply_inplace(k_layers, v_layers, plan: Plan, *, v_trans: bool, k_type: int, v_type: int,

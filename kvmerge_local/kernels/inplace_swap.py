@@ -45,9 +45,10 @@ def _exchange(raw, j, s, b, n):
 
 
 @njit(cache=True, parallel=True)
-def swap_rows(raw, hbytes, fw, n_groups):  # pragma: no cover - compiled
+def swap_rows(raw, hbytes, fw, n_groups, stage):  # pragma: no cover - compiled
     """The swaps of ``fw`` on ``raw`` uint8[kv_size, row_bytes] (C-contiguous), ascending slots, each of the
-    ``n_groups`` threads over its share of the heads."""
+    ``n_groups`` threads over its share of the heads; then ``stage[0] = 1`` (int64[1]: what an undo recorded
+    before the call needs to know -- a Python exception cannot land between the swaps and this mark)."""
     H, m = fw.shape
     rb = raw.shape[1]
     flat = raw.reshape(-1)
@@ -66,6 +67,7 @@ def swap_rows(raw, hbytes, fw, n_groups):  # pragma: no cover - compiled
             for h in range(h0, h1):
                 if fw[h, j] >= 0:
                     _exchange(raw, j, fw[h, j], h * hbytes, hbytes)
+    stage[0] = 1
 
 
 @njit(cache=True)
@@ -99,12 +101,14 @@ def _permute_head(a, d, fw, h, reverse):
 
 
 @njit(cache=True, parallel=True)
-def swap_elems(a, d, fw):  # pragma: no cover - compiled
+def swap_elems(a, d, fw, stage):  # pragma: no cover - compiled
     """The swaps of ``fw`` on a transposed ``a`` ``[H * d, kv_size]``: each element row of head ``h`` in turn
     (it stays in cache), the heads over the Numba threads.  (Scanning ``fw`` with a branch measured faster
-    than a list of the swaps, and than gathering the net permutation from a copy of the row.)"""
+    than a list of the swaps, and than gathering the net permutation from a copy of the row.)  Then
+    ``stage[0] = 1``."""
     for h in prange(fw.shape[0]):
         _permute_head(a, d, fw, h, False)
+    stage[0] = 1
 
 
 @njit(cache=True)
@@ -163,12 +167,12 @@ def _is_kept(keep, h, c):
 
 
 @njit(cache=True, parallel=True)
-def partition_elems(a, d, fw, part, n):  # pragma: no cover - compiled
+def partition_elems(a, d, fw, part, n, stage):  # pragma: no cover - compiled
     """:func:`swap_elems` on a 16-bit transposed ``a`` (uint16 ``[H * d, kv_size]``), with the heads that
     allow it (:func:`partition_plan`, ``part``) stably partitioned instead: per 32 cells one compress-store of
     the others to a scratch row and one of the kept in place (``vpcompressw`` where the CPU has it), then the
     others copied after the kept.  Same slots ``0..m-1``, another permutation of the rest:
-    :func:`unpartition_elems` undoes it."""
+    :func:`unpartition_elems` undoes it.  Then ``stage[0] = 1``."""
     lo, keep, drop, n_keep, n_drop = part
     for h in prange(fw.shape[0]):
         c0 = lo[h]
@@ -199,6 +203,7 @@ def partition_elems(a, d, fw, part, n):  # pragma: no cover - compiled
                 i += 32
             for i in range(i, o):
                 r[k + i] = tmp[i]
+    stage[0] = 1
 
 
 @njit(cache=True)
@@ -225,15 +230,16 @@ def unpartition_elems(a, d, fw, part, n):
 
 
 @njit(cache=True)
-def write_late_rows(raw, hbytes, late, scratch, saved):
+def write_late_rows(raw, hbytes, late, scratch, saved, stage):
     """Late slot ``k`` = ``late[k]`` (head, slot) of ``raw`` uint8[kv_size, row_bytes]: its segment is saved to
-    ``saved[k]`` and replaced by ``scratch[k]`` (both uint8[n_late, hbytes])."""
+    ``saved[k]`` and replaced by ``scratch[k]`` (both uint8[n_late, hbytes]); then ``stage[0] = 2``."""
     for k in range(late.shape[0]):
         b = late[k, 0] * hbytes
         seg = raw[late[k, 1], b:b + hbytes]
         for i in range(hbytes):
             saved[k, i] = seg[i]
             seg[i] = scratch[k, i]
+    stage[0] = 2
 
 
 @njit(cache=True)
@@ -247,7 +253,7 @@ def restore_late_rows(raw, hbytes, late, saved):
 
 
 @njit(cache=True)
-def write_late_elems(a, d, late, scratch, saved):
+def write_late_elems(a, d, late, scratch, saved, stage):
     """:func:`write_late_rows` on a transposed ``a`` ``[H * d, kv_size]``: ``scratch``/``saved`` ``[n_late, d]``
     in ``a``'s dtype."""
     for k in range(late.shape[0]):
@@ -255,6 +261,7 @@ def write_late_elems(a, d, late, scratch, saved):
         for e in range(d):
             saved[k, e] = a[h * d + e, j]
             a[h * d + e, j] = scratch[k, e]
+    stage[0] = 2
 
 
 @njit(cache=True)
