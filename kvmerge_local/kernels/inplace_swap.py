@@ -20,7 +20,10 @@ Layouts (as :mod:`.inplace`): ``raw`` ``uint8[kv_size, row_bytes]`` rows of ``H`
 bytes (any type: segments move as raw bytes), or ``a`` element-typed ``[H * d, kv_size]`` (transposed V: row
 ``h * d + e`` is element ``e`` of head ``h`` for every cell).  The row kernels visit slots in order across the
 heads (the sources of one slot's heads lie close together) and prefetch the sources ``PREFETCH_SLOTS`` slots
-ahead; ``n_groups`` splits the heads over Numba threads (heads are disjoint memory).
+ahead; ``n_groups`` splits the heads over Numba threads (heads are disjoint memory).  A transposed 16-bit layer's
+selection heads are *partitioned* instead of swapped (:func:`partition_elems`: kept cells first, in order, with
+``vpcompressw``; :func:`unpartition_elems` undoes it).  Every kernel that writes ends by setting ``stage[0]``, so
+an undo recorded before the call knows whether it ran.
 """
 from __future__ import annotations
 
