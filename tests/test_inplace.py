@@ -13,11 +13,12 @@ import pytest
 from _bridge_util import GQA_MODEL, prompt_tokens, random_plan
 from kvmerge_local.bridge import KVBridge, LlamaContext, LlamaModel, float_views
 from kvmerge_local.bridge import inplace as bridge_inplace
+from kvmerge_local.bridge import rope as rope_mod
 from kvmerge_local.bridge.inplace import LiveKeys
 from kvmerge_local.bridge.rope import RopeParams
 from kvmerge_local.errors import KVMergeError
 from kvmerge_local.kernels import inplace as kernels_inplace
-from kvmerge_local.methods import REGISTRY, resolve_budget
+from kvmerge_local.methods import REGISTRY, get_method, resolve_budget
 
 pytestmark = pytest.mark.llama
 
@@ -234,6 +235,56 @@ def test_failure_after_writing_restores_the_cache(gqa, monkeypatch, with_state, 
     monkeypatch.undo()
     assert np.array_equal(br.read().blob, before.blob)
     assert np.array_equal(ctx.decode(toks[-1:]), expect)
+
+
+def _failing_plan(kind: str, st, L: int, H: int):
+    """A plan over the state ``st``: a selection, random merges, or KVMerger's / CaM's plan (random evidence)."""
+    N, m = st.n_cells, st.n_cells * 2 // 5
+    if kind in ("select", "merge"):
+        return random_plan(L, H, N, m, seed=21, merge=kind == "merge")
+    k, v = float_views(st)
+    ev = np.random.default_rng(5).random((L, H, N)).astype(np.float32)
+    method = get_method(kind, n_sink=2, n_recent=3) if kind == "kvmerger" else get_method(kind)
+    return method.plan(k, v, st.pos, ev, m)
+
+
+FAIL_CONFIGS = [("f16", "f16", True), ("f16", "f16", False), ("bf16", "bf16", True), ("bf16", "bf16", False),
+                ("q8_0", "q8_0", True), ("q4_0", "q4_0", True), ("q8_0", "f16", False)]
+
+
+@pytest.mark.parametrize("where", ["kernel", "rope", "cells"])
+@pytest.mark.parametrize("kind", ["select", "merge", "kvmerger", "cam+streaming_llm"])
+@pytest.mark.parametrize("kt,vt,fa", FAIL_CONFIGS)
+def test_undo_restores_every_layout_and_plan(gqa, monkeypatch, kt, vt, fa, kind, where):
+    """No state given: the permutation's own undo (and, re-indexing, the key snapshot) must give back the cache
+    byte for byte, and the next logits, whichever step fails after the rows were moved."""
+    toks = prompt_tokens(100, seed=20)
+    ctx = _ctx(gqa, toks[:-1], kt, vt, fa)
+    br = KVBridge(ctx)
+    before = br.read()
+    expect = ctx.decode(toks[-1:])
+    ctx.clear()
+    br.write(before)
+    plan = _failing_plan(kind, before, br.geom.n_layer, br.geom.n_kv_head)
+    if where == "kernel":
+        real = kernels_inplace.apply_inplace
+        monkeypatch.setattr(kernels_inplace, "apply_inplace", lambda *a, **k: real(*a, **k) and _raise())
+    elif where == "rope":  # the first layer's keys re-rotated, then a failure
+        real_rot, n = rope_mod.rerotate_state_keys, []
+        monkeypatch.setattr(rope_mod, "rerotate_state_keys",
+                            lambda *a: real_rot(*a) if not n.append(1) and len(n) == 1 else _raise())
+    else:
+        monkeypatch.setattr(bridge_inplace._lib, "seq_set_cells", lambda *a: False)
+    with pytest.raises((RuntimeError, KVMergeError)):
+        br.compact(plan, reindex=where != "kernel", rope=RopeParams.from_model(gqa))
+    monkeypatch.undo()
+    after = br.read()
+    assert after.n_cells == before.n_cells and np.array_equal(after.blob, before.blob)
+    assert np.array_equal(ctx.decode(toks[-1:]), expect)
+
+
+def _raise():
+    raise RuntimeError("injected")
 
 
 def test_bad_plan_changes_nothing(gqa):

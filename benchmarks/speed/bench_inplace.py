@@ -6,12 +6,17 @@ tiny GGUF with that KV geometry (d_model 64), filled by writing a random state (
 Before every timed compaction the full cache is written back (untimed).  Rows:
 
 - state path: ``KVBridge(ctx, inplace=False, reuse_buffers=True).compact(plan)``: get + parse + apply + set;
-- in place, caller's state: ``compact(plan, st)`` when the caller already read the state to plan (the engine
-  today): the state is only the restore source, nothing is copied;
-- in place, own undo copy: ``compact(plan)`` with no state: the rows it overwrites are copied first
-  (the restore source, into a buffer kept by ``reuse_buffers=True``), then compacted in place.
+- in place, caller's state: ``compact(plan, st)`` when the caller already read the state to plan (the state is
+  only the fallback restore source);
+- in place, no state: ``compact(plan)`` (the engine planning on ``planning_state()``).  Either way the apply
+  permutes the cells and keeps its own exact undo (for a selection: nothing copied).
+
+The in-place rows are measured with 1 Numba thread and with ``--threads`` (default: all cores; the row kernels
+split the KV heads over the threads); ``np.copyto`` is single-threaded, so the 1-thread rows are the like-for-
+like figure.
 
     python benchmarks/speed/bench_inplace.py [--cells 4000] [--layers 32] [--repeat 3] [--flash-attn 0|1]
+        [--threads N]
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import os
 import tempfile
 import time
 
+import numba
 import numpy as np
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -45,6 +51,8 @@ def timed(setup, fn, repeat: int) -> tuple[float, float]:
 def main() -> None:
     ap = shape_args(__doc__)
     ap.add_argument("--flash-attn", type=int, default=1, help="1: V rows; 0: V transposed")
+    ap.add_argument("--threads", type=int, default=numba.config.NUMBA_NUM_THREADS,
+                    help="Numba threads for the second set of in-place rows")
     a = ap.parse_args()
     N, L, H, d = a.cells, a.layers, a.kv_heads, a.head_dim
     with tempfile.TemporaryDirectory() as tmp:
@@ -57,8 +65,12 @@ def main() -> None:
         plan = selection_plan(L, H, N, N // 2)
         refill = lambda: br.write(st)  # noqa: E731
         t_state = timed(refill, lambda: state_br.compact(plan), a.repeat)
-        t_in_st = timed(refill, lambda: br.compact(plan, st), a.repeat)
-        t_in_undo = timed(refill, lambda: br.compact(plan), a.repeat)
+        inplace_rows = []
+        for n_threads in dict.fromkeys((1, a.threads)):
+            numba.set_num_threads(n_threads)
+            inplace_rows += [
+                (f"in place, caller's state ({n_threads} thr)", timed(refill, lambda: br.compact(plan, st), a.repeat)),
+                (f"in place, no state ({n_threads} thr)", timed(refill, lambda: br.compact(plan), a.repeat))]
         # same result both ways (bytes of the compacted cache)
         refill()
         state_br.compact(plan)
@@ -69,8 +81,7 @@ def main() -> None:
         rows = [
             ("np.copyto of the cache (reference)", t_copy),
             ("state path (get+parse+apply+set)", t_state),
-            ("in place, caller's state as restore", t_in_st),
-            ("in place, own undo copy", t_in_undo),
+            *inplace_rows,
         ]
         print(f"cache: {L} layers x {H * d}-wide K and V x {N} cells, f16 = {kv_bytes / 2**20:.0f} MiB, "
               f"V {'rows' if a.flash_attn else 'transposed'}; plan: 50% selection; cores: {os.cpu_count()}")

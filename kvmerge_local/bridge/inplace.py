@@ -14,12 +14,13 @@ state blob path stays as the fallback (buffers on a device without ``numba.cuda`
 v2, cells not at ``0..N-1``) and as the reference the tests hold this path to (bit-identical cache and logits).
 
 **Failure and restore.**  Everything that can be refused is checked before the first write (plan, layout,
-cells, types).  The write phase is Numba code over preallocated memory; should it, or llama.cpp's cell rewrite,
-fail anyway, the original is restored: from the caller's state blob when one was read (the engine always reads
-one to plan; the blob already holds every row, so restoring costs nothing until it is needed), otherwise from an
-undo copy of the rows the plan overwrites (cells ``changed_from(plan)[l]..m-1`` of each layer, taken before
-writing: about ``m/N`` of the cache, the cheapest copy that restores exactly).  The cell metadata changes only
-in the last, atomic step, so a failure before it leaves llama.cpp's view of the cache as it was.
+cells, types).  The apply permutes the cells rather than copying over them (:mod:`kvmerge_local.kernels.
+inplace_swap`: a kept row is exchanged with the slot it moves to, so what it displaces lands in a cell that is
+freed afterwards), and keeps only the few rows it does overwrite (merges, copies from behind: none for a
+selection); its undo is exact.  Re-rotating keys first copies the compacted keys (cells ``0..m-1``).  Should the
+apply, the re-rotation or llama.cpp's cell rewrite fail, those put the cache back bit for bit; a state blob the
+caller read before is only the fallback should the undo itself fail.  The cell metadata changes only in the
+last, atomic step, so a failure before it leaves llama.cpp's view of the cache as it was.
 
 **CUDA.**  When the buffers are not host memory (``on_host`` False, e.g. ``buffer == "CUDA0"``) the views are
 absent; with ``numba.cuda`` available :func:`device_tensors` wraps the pointers as device arrays,
@@ -229,7 +230,7 @@ class LiveKeys:
     keys, see :func:`live_keys`), ``v4`` (a zero-stride float16 stand-in: planners read values only for their
     shape), ``pos`` (the cells' positions), ``n_cells``, ``geom``, ``k_type``.  Works with
     :func:`~.state.float_views` and :meth:`KVBridge.evidence`; passed back to :meth:`KVBridge.compact` it
-    means "no state read" (the in-place path then keeps its own undo copy)."""
+    means "no state read" (the in-place path restores from its own exact undo)."""
 
     geom: KVGeometry
     n_cells: int
@@ -240,23 +241,20 @@ class LiveKeys:
     v_type: int
 
 
-class Undo:
-    """Copies of the rows a plan overwrites, per layer, to put back if the write phase fails.
+class KeySnapshot:
+    """The keys of cells ``0..m-1`` of every layer as the in-place apply left them, copied before re-rotating
+    them (a re-rotation is not exactly invertible): restoring puts them back, then the apply's own undo runs.
 
-    ``buf``: a uint8 buffer to copy into when large enough (reused across compactions: a fresh allocation
-    of ~m/N of the cache costs as much again in first-touch page faults as the copy itself)."""
+    ``buf``: a uint8 buffer to copy into when large enough (reused across compactions: a fresh allocation of
+    ~m/N of the keys costs as much again in first-touch page faults as the copy itself)."""
 
-    def __init__(self, ct: CacheTensors, start: np.ndarray, m: int, buf: np.ndarray | None = None) -> None:
-        regions = []
-        for l, j0 in enumerate(start.tolist()):
-            if j0 < m:
-                regions.append(ct.k[l][j0:m])
-                regions.append(ct.v[l][:, j0:m] if ct.v_trans else ct.v[l][j0:m])
+    def __init__(self, ct: CacheTensors, m: int, buf: np.ndarray | None = None) -> None:
+        regions = [k[:m] for k in ct.k]
         need = sum(r.nbytes for r in regions)
         self.buf = buf if buf is not None and buf.nbytes >= need else np.empty(need, np.uint8)
         self.saved, off = [], 0
         for r in regions:
-            c = self.buf[off:off + r.nbytes].view(r.dtype).reshape(r.shape)
+            c = self.buf[off:off + r.nbytes].reshape(r.shape)
             np.copyto(c, r)
             self.saved.append((r, c))
             off += r.nbytes
@@ -268,38 +266,48 @@ class Undo:
 
 def compact_inplace(ctx: int, seq_id: int, geom: KVGeometry, ct: CacheTensors, plan: Plan, cell_pos: np.ndarray,
                     key_delta: np.ndarray | None, rope, restore_state=None, write_state=None,
-                    undo_buf: np.ndarray | None = None) -> Undo | None:
-    """Apply ``plan`` in place on the cache tensors ``ct`` of the sequence's cells ``0..plan.n_in-1``, re-rotate
-    the kept keys by ``key_delta`` (int[L, H, m], None: none), and make cells ``0..m-1`` hold ``cell_pos``.
+                    undo_buf: np.ndarray | None = None) -> np.ndarray | None:
+    """Apply ``plan`` (validated by the caller, :meth:`KVBridge.compact`) in place on the cache tensors ``ct`` of
+    the sequence's cells ``0..plan.n_in-1``, re-rotate the kept keys by ``key_delta`` (int[L, H, m], None:
+    none), and make cells ``0..m-1`` hold ``cell_pos``.
 
-    ``restore_state``: the sequence's state blob read before (its rows are restored with ``write_state`` if the
-    write phase fails); without one an undo copy of the overwritten rows is taken first (into ``undo_buf``
-    when large enough), and returned so its buffer can be reused.  Raises KVMergeError (cache as before) when
-    a check fails or the write phase fails (after restoring)."""
-    from ..kernels.inplace import apply_inplace, changed_from  # noqa: PLC0415 - Numba compiles on first use
+    The apply permutes the cells and returns its exact undo (:class:`~kvmerge_local.kernels.inplace.InplaceUndo`);
+    a re-rotation first copies the compacted keys (:class:`KeySnapshot`, into ``undo_buf`` when large enough;
+    that buffer is returned for reuse, None without re-rotation).  If anything fails the cache is put back
+    from those; ``restore_state`` (the sequence's state blob read before, written with ``write_state``) is only
+    the fallback should the undo itself fail.  Raises KVMergeError (cache as before) when a check fails or the
+    write phase fails (after restoring)."""
+    from ..kernels.inplace import InplaceUndo, apply_inplace  # noqa: PLC0415 - Numba compiles on first use
     from .rope import rerotate_state_keys  # noqa: PLC0415
 
     if not ct.on_host:
         raise KVMergeError("the cache is not in host memory")
     _check_slots(ctx, seq_id, plan.n_in)
     m = plan.m
-    undo = None if restore_state is not None else Undo(ct, changed_from(plan), m, undo_buf)
+    undo, snap = InplaceUndo(), None
     _lib.synchronize(ctx)
     try:
-        apply_inplace(ct.k, ct.v, plan, v_trans=ct.v_trans, k_type=ct.k_type, v_type=ct.v_type)
+        apply_inplace(ct.k, ct.v, plan, v_trans=ct.v_trans, k_type=ct.k_type, v_type=ct.v_type, undo=undo,
+                      validated=True)
         if key_delta is not None and np.any(key_delta):
+            snap = KeySnapshot(ct, m, undo_buf)
             for l in range(geom.n_layer):
                 view = _LayerKeys(geom, m, ct.k_type, layer_keys(ct, geom, l, m)[None])
                 rerotate_state_keys(view, key_delta[l:l + 1], rope)
         _set_cells(ctx, seq_id, cell_pos)
     except BaseException:
         log.warning("compaction in place failed; restoring the %d-cell original", plan.n_in)
-        if undo is not None:
+        try:
+            if snap is not None:
+                snap.restore()
             undo.restore()
-        else:
+        except BaseException:
+            if restore_state is None:
+                raise
+            log.exception("the undo failed; writing back the state read before")
             write_state(restore_state)
         raise
-    return undo
+    return None if snap is None else snap.buf
 
 
 @dataclass

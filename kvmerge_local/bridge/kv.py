@@ -7,7 +7,7 @@
     new = bridge.compact(plan, st)              # writes the compacted cache; on failure restores st
     new = bridge.compact(plan, st, key_pos=rope_pos, reindex=True)   # ... and renumbers slots 0..m-1
     live = bridge.planning_state()              # in place: LiveKeys, a view of the cache's keys (no read)
-    new = bridge.compact(plan, live)            # compacts in place; the undo copy is the restore source
+    new = bridge.compact(plan, live)            # compacts in place, undone exactly if a step fails
 
 :meth:`KVBridge.compact` is the one compaction path (product, benchmarks and tests).  By default, when every
 layer's cache tensor is in host memory (the CPU backend) and the sequence's cells are slots ``0..N-1``, it
@@ -142,7 +142,7 @@ class KVBridge:
         self.ctx = ctx
         self.inplace = inplace
         self._tensors: CacheTensors | None = None
-        self._undo_buf: np.ndarray | None = None  # the undo copy's buffer (kept with reuse_buffers)
+        self._undo_buf: np.ndarray | None = None  # the re-rotation's key snapshot (kept with reuse_buffers)
         self.geom = ctx.model.geom
         self.reuse_buffers = reuse_buffers
         self._read_buf: np.ndarray | None = None
@@ -184,9 +184,9 @@ class KVBridge:
 
         In place (the default on host memory; :mod:`.inplace`): the rows are compacted on the cache's own
         memory and the cells rewritten; nothing is read unless ``st`` is given, and the returned state is read
-        from llama.cpp only when first used.  ``st``: the state or :class:`LiveKeys` the plan was made on (a
-        state read before doubles as the restore source; without one the rows to be overwritten are copied
-        first).  State path: ``st`` is read now unless given, the plan applied to a fresh blob and written.
+        from llama.cpp only when first used.  ``st``: the state or :class:`LiveKeys` the plan was made on (the
+        apply permutes the cells and undoes itself exactly on failure; a state read before is only the fallback
+        should that undo fail).  State path: ``st`` is read now unless given, the plan applied to a fresh blob and written.
 
         ``key_pos``: int32[n_layer, n_kv_head, m], the RoPE position each slot's key is rotated to now
         (its pivot's; default ``plan.pos``): the cells get ``max`` over heads as their position.  With
@@ -194,7 +194,7 @@ class KVBridge:
         (``rope``: default the model's, :meth:`RopeParams.from_model`).  An identity plan that moves no
         position writes nothing and returns ``st``.  A bad plan raises before the context is touched; if the
         write fails (llama.cpp refuses the compacted blob or the cell rewrite, or the in-place kernel fails),
-        the original cache is put back before the exception propagates (:meth:`replace`, or the undo copy).
+        the original cache is put back before the exception propagates (:meth:`replace`, or the in-place undo).
         """
         t0 = time.perf_counter()
         plan.validate()
@@ -292,11 +292,11 @@ class KVBridge:
                            (rope or self.rope) if reindex else None, self.read() if st is None else st, self.write)
             self.timings["apply"] = time.perf_counter() - t0
             return _LazyState(self, plan.m)
-        undo = compact_inplace(self.ctx.ptr, self.seq_id, self.geom, ct, plan, cell_pos, delta,
-                               (rope or self.rope) if reindex else None, restore_state=st, write_state=self.write,
-                               undo_buf=self._undo_buf)
-        if undo is not None and self.reuse_buffers:
-            self._undo_buf = undo.buf
+        buf = compact_inplace(self.ctx.ptr, self.seq_id, self.geom, ct, plan, cell_pos, delta,
+                              (rope or self.rope) if reindex else None, restore_state=st, write_state=self.write,
+                              undo_buf=self._undo_buf)
+        if buf is not None and self.reuse_buffers:
+            self._undo_buf = buf
         self.timings["apply"] = time.perf_counter() - t0
         return _LazyState(self, plan.m)
 
