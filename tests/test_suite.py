@@ -157,6 +157,8 @@ def test_teacher_forced_aggregates_are_paired_differences_and_ratios():
     assert agg[("full", 1.0)]["dnll"] == 0.0 and agg[("full", 1.0)]["dnll_hi"] == 0.0
     md = suite_report.markdown(suite_report.aggregate(rows), {"model": "x"})
     assert "| m | 0.5 | 0.250 (" in md
+    by_task = {r["method"]: r for r in suite_report.aggregate(rows)["by"]["task"]}
+    assert by_task["m"]["tok_ret"] == pytest.approx(0.75) and "## Token retention by depth" in md
     # rows without the measures (older result files) aggregate as before, without the table
     old = [{k: v for k, v in r.items() if k not in ("nll", "tok_acc")} for r in rows]
     assert "dnll" not in suite_report.aggregate(old)["overall"][0]

@@ -97,7 +97,8 @@ def aggregate(rows: list[dict]) -> dict:
         base = {"method": method, "budget": budget, "cells": float(np.mean([r["cells"] for r in rs])),
                 "tokens": float(np.mean([r["tokens"] for r in rs])),
                 "t_compact": float(np.mean([r["t_compact"] for r in rs]))}
-        if all("nll" in r for r in rs) and all("nll" in full_rows[(r["doc"], r["q"])] for r in rs):
+        tf = all("nll" in r for r in rs) and all("nll" in full_rows[(r["doc"], r["q"])] for r in rs)
+        if tf:
             base.update(_teacher_forced(rs, full_rows))
         out["overall"].append({**base, **one(rs)})
         for key, fn in (("task", lambda r: r["task"]), ("shape", lambda r: r["shape"]),
@@ -106,12 +107,30 @@ def aggregate(rows: list[dict]) -> dict:
             for r in rs:
                 sub[fn(r)].append(r)
             for g, srs in sorted(sub.items()):
-                out["by"][key].append({"method": method, "budget": budget, key: g, **one(srs)})
+                out["by"][key].append({"method": method, "budget": budget, key: g, **one(srs),
+                                       **(_teacher_forced(srs, full_rows) if tf else {})})
     return out
 
 
 def _pct(x: float) -> str:
     return "—" if not np.isfinite(x) else f"{100 * x:.0f}"
+
+
+def _breakdown(rows: list[dict], key: str, ratio: str, level: str, title: str) -> list[str]:
+    """Markdown lines: one row per configuration, one column per group of ``key``; the full cache shows
+    ``level`` (its accuracy), the methods ``ratio`` (their retention)."""
+    cols = sorted({r[key] for r in rows})
+    lines = ["", f"## {title}", "", "| method | budget | " + " | ".join(cols) + " |",
+             "| --- | --- |" + " --- |" * len(cols)]
+    cell = {(r["method"], r["budget"], r[key]): r for r in rows}
+    confs = sorted({(r["method"], r["budget"]) for r in rows}, key=lambda c: (c[0] != "full", -c[1], c[0]))
+    for m, b in confs:
+        vals = []
+        for c in cols:
+            r = cell.get((m, b, c))
+            vals.append("" if r is None else _pct(r[level] if m == "full" else r[ratio]))
+        lines.append(f"| {m} | {b:g} | " + " | ".join(vals) + " |")
+    return lines
 
 
 def markdown(agg: dict, meta: dict, ppl: list[dict] | None = None) -> str:
@@ -136,18 +155,11 @@ def markdown(agg: dict, meta: dict, ppl: list[dict] | None = None) -> str:
             lines.append(f"| {r['method']} | {r['budget']:g} | {r['dnll']:.3f} ({r['dnll_lo']:.3f}–{r['dnll_hi']:.3f}) "
                          f"| {_pct(r['tok_acc'])} | {_pct(r['tok_ret'])} ({_pct(r['tok_ret_lo'])}–{_pct(r['tok_ret_hi'])}) |")
     for key in ("task", "shape", "depth"):
-        rows = agg["by"][key]
-        cols = sorted({r[key] for r in rows})
-        lines += ["", f"## Retention by {key} (full-cache accuracy in the first row)", "",
-                  "| method | budget | " + " | ".join(cols) + " |", "| --- | --- |" + " --- |" * len(cols)]
-        cell = {(r["method"], r["budget"], r[key]): r for r in rows}
-        confs = sorted({(r["method"], r["budget"]) for r in rows}, key=lambda c: (c[0] != "full", -c[1], c[0]))
-        for m, b in confs:
-            vals = []
-            for c in cols:
-                r = cell.get((m, b, c))
-                vals.append("" if r is None else (_pct(r["acc"]) if m == "full" else _pct(r["retention"])))
-            lines.append(f"| {m} | {b:g} | " + " | ".join(vals) + " |")
+        lines += _breakdown(agg["by"][key], key, "retention", "acc",
+                            f"Retention by {key} (full-cache accuracy in the first row)")
+        if any("tok_ret" in r for r in agg["by"][key]):
+            lines += _breakdown(agg["by"][key], key, "tok_ret", "tok_acc",
+                                f"Token retention by {key} (full-cache token accuracy in the first row)")
     if ppl:
         full = next((r["ppl"] for r in ppl if r["method"] == "full"), None)
         lines += ["", "## Natural-text perplexity of a continuation after a compressed prefix", "",
