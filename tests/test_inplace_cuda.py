@@ -306,7 +306,11 @@ PTX = textwrap.dedent('''
     I1 = T.Array(T.int32, 1, "A")
     b, i64, f32 = T.boolean, T.int64, T.float32
     sigs = {
-        "move_in_order": [(A2(T.uint16), b, i64, A2(T.int32)), (A2(T.uint32), b, i64, A2(T.int64))],
+        "swap_in_order": [(A2(T.uint16), b, i64, A2(T.int32), T.Array(T.int8, 1, "A")),
+                          (A2(T.uint32), b, i64, A2(T.int32), T.Array(T.int8, 1, "A"))],
+        "unswap_in_order": [(A2(T.uint16), b, i64, A2(T.int32), T.Array(T.int8, 1, "A"))],
+        "mark": [(T.Array(i64, 1, "A"), i64)],
+        "restore_if": [(A2(T.uint16), b, i64, I1, I1, A2(T.uint16), T.Array(i64, 1, "A"), i64)],
         "stage_raw": [(A2(T.uint16), b, i64, I1, I1, A2(T.uint16), b)],
         "gather_float": [(A2(T.float16), b, i64, I1, I1, A2(f32)), (A2(f32), b, i64, I1, I1, A2(f32))],
         "gather_bf16": [(A2(T.uint16), b, i64, I1, I1, A2(T.uint32))],

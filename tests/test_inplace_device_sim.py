@@ -11,12 +11,15 @@ compact):
 
 - the plans are equal (keys read from the "device" == the state's keys);
 - the caches read back and the next decodes' logits are byte-identical: f16 (both V layouts) and q8_0, a
-  merging method (kvmerger+budget) and a selection method (snapkv), with and without re-indexing.  (q8_0 merges
+  merging method (kvmerger+budget, which merges nothing on this tiny model, and cam+h2o, which merges values)
+  and a selection method (snapkv), with and without re-indexing; the device runs read and write no state blob
+  (``_lib.state_seq_get``/``state_seq_set`` raise during them).  (q8_0 merges
   and re-rotation on the device requantize with ggml's CUDA (REF) rounding, the state path with this CPU's x86
   variant; :mod:`kvmerge_local.kernels.inplace_cuda` documents it.  The check reports, rather than requires,
   where they differ -- at most one code, and never for a selection that keeps positions.)
 - the check can fail: with ``apply_inplace_cuda`` made a no-op the cache differs from the state path's;
-- a refused cell rewrite restores the original cache from the state blob read first.
+- a refused cell rewrite restores the original cache on the device (tests/test_inplace_device_undo.py has
+  the failures in detail).
 """
 import dataclasses
 import os
@@ -37,7 +40,9 @@ pytestmark = pytest.mark.llama
 
 MODEL = dict(GQA_MODEL, head_dim=32)
 
-SCRIPT = textwrap.dedent('''
+#: The start of the simulator scripts (here and tests/test_inplace_device_undo.py): the tiny model, the prompt,
+#: and ``as_device``, which makes the CPU cache look like a CUDA one.
+PRELUDE = textwrap.dedent('''
     import dataclasses, sys, time
     import numpy as np
     from numba import config
@@ -47,7 +52,7 @@ SCRIPT = textwrap.dedent('''
     from kvmerge_local.bridge import kv as BK, inplace as BI
     from kvmerge_local.bridge.rope import RopeParams
     from kvmerge_local.errors import KVMergeError
-    from kvmerge_local.kernels import inplace_cuda as IC
+    from kvmerge_local.kernels import inplace_cuda as IC, cuda_rows as K
     from kvmerge_local.methods import REGISTRY, resolve_budget
 
     t_start = time.time()
@@ -58,13 +63,20 @@ SCRIPT = textwrap.dedent('''
     nxt = np.random.default_rng(99).integers(3, NV, 2).astype(np.int32)
 
     real_ct = BI.cache_tensors
-    used = {"device": 0, "host": 0}
+    real_get, real_set_state = _lib.state_seq_get, _lib.state_seq_set
+
+    def no_state(*a, **k):
+        raise AssertionError("the device path touched the state blob")
 
     def as_device(ctx, geom):
         """The CPU cache as a CUDA device would report it: no host views, on_host False, buffer CUDA0."""
         ct = real_ct(ctx, geom)
         L = ct.n_layer
         return dataclasses.replace(ct, k=[None] * L, v=[None] * L, on_host=False, buffers=("CUDA0",))
+''')
+
+SCRIPT = PRELUDE + textwrap.dedent('''
+    used = {"device": 0, "host": 0}
 
     real_dev, real_host = BK.compact_device, BK.compact_inplace
     BK.compact_device = lambda *a, **k: used.__setitem__("device", used["device"] + 1) or real_dev(*a, **k)
@@ -72,7 +84,7 @@ SCRIPT = textwrap.dedent('''
 
     def run(kt, vt, fa, name, reindex, device):
         method = REGISTRY[name]
-        win = method.window if method.evidence_kind == "window" else None
+        win = {"window": getattr(method, "window", 0), "all": 0}.get(method.evidence_kind)
         BK.cache_tensors = as_device if device else real_ct
         ctx = LlamaContext(model, n_ctx=64, flash_attn=fa, kv_type=kt, type_v=vt, n_threads=1)
         br = KVBridge(ctx, inplace=None if device else False)
@@ -84,7 +96,12 @@ SCRIPT = textwrap.dedent('''
         ev = br.evidence(st) if win is not None else None
         k, v = float_views(st)
         plan = method.plan(k, v, st.pos, ev, resolve_budget(0.5, N))
-        br.compact(plan, st, reindex=reindex, rope=rope)
+        if device:  # the device path reads (and writes) no state blob
+            _lib.state_seq_get = _lib.state_seq_set = no_state
+        try:
+            br.compact(plan, st, reindex=reindex, rope=rope)
+        finally:
+            _lib.state_seq_get, _lib.state_seq_set = real_get, real_set_state
         if win is not None:
             br.disable_evidence()
         BK.cache_tensors = real_ct
@@ -105,7 +122,7 @@ SCRIPT = textwrap.dedent('''
 
     n_exact = n_q8_near = 0
     for kt, vt, fa in [("f16", "f16", True), ("f16", "f16", False), ("q8_0", "q8_0", True)]:
-        for name in ("kvmerger+budget", "snapkv"):
+        for name in ("kvmerger+budget", "snapkv", "cam+h2o"):
             for reindex in (False, True):
                 before = dict(used)
                 pa, sa, la = run(kt, vt, fa, name, reindex, device=False)
@@ -138,7 +155,7 @@ SCRIPT = textwrap.dedent('''
     finally:
         IC.apply_inplace_cuda = real_apply
 
-    # a refused cell rewrite restores the original from the state blob read first
+    # a refused cell rewrite restores the original on the device (no state blob touched)
     BK.cache_tensors = as_device
     ctx = LlamaContext(model, n_ctx=64, flash_attn=True, kv_type="f16", type_v="f16", n_threads=1)
     ctx.decode(toks, logits="none")
@@ -149,6 +166,7 @@ SCRIPT = textwrap.dedent('''
     plan = REGISTRY["streaming_llm"].plan(k, v, live.pos, None, resolve_budget(0.5, N))
     real_set = _lib.seq_set_cells
     _lib.seq_set_cells = lambda *a, **k: False
+    _lib.state_seq_get = _lib.state_seq_set = no_state
     try:
         br.compact(plan, live, reindex=True, rope=rope)
         raise AssertionError("the refused rewrite did not raise")
@@ -156,6 +174,7 @@ SCRIPT = textwrap.dedent('''
         pass
     finally:
         _lib.seq_set_cells = real_set
+        _lib.state_seq_get, _lib.state_seq_set = real_get, real_set_state
     assert br.n_cells() == N and np.array_equal(br.read().blob, orig)
     BK.cache_tensors = real_ct
     ctx.close()
@@ -163,15 +182,20 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_device_inplace_path_matches_state_path_under_simulator(tiny_model_factory):
-    path = tiny_model_factory(**MODEL)
+def run_script(script: str, model_path, tag: str, timeout: int = 1500) -> str:
+    """Run ``script`` on the tiny model under the CUDA simulator; its stdout, once it printed ``tag``."""
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", OMP_WAIT_POLICY="PASSIVE")
-    r = subprocess.run([sys.executable, "-c", SCRIPT, str(path)], env=env, capture_output=True, text=True,
-                       timeout=1200)
-    assert r.returncode == 0 and "DEVICE-OK" in r.stdout, r.stdout + r.stderr[-4000:]
+    r = subprocess.run([sys.executable, "-c", script, str(model_path)], env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0 and tag in r.stdout, r.stdout + r.stderr[-4000:]
     print(r.stdout)
-    n_exact, n_near = (int(x) for x in r.stdout.split("DEVICE-OK")[1].split()[:2])
-    assert n_exact + n_near == 12 and n_exact >= 9, r.stdout
+    return r.stdout
+
+
+def test_device_inplace_path_matches_state_path_under_simulator(tiny_model_factory):
+    out = run_script(SCRIPT, tiny_model_factory(**MODEL), "DEVICE-OK")
+    n_exact, n_near = (int(x) for x in out.split("DEVICE-OK")[1].split()[:2])
+    assert n_exact + n_near == 18 and n_exact >= 13, out
 
 
 def test_device_cache_without_numba_cuda_or_forced_off_takes_the_state_path(tiny_model_factory, monkeypatch):

@@ -25,8 +25,9 @@ last, atomic step, so a failure before it leaves llama.cpp's view of the cache a
 **CUDA.**  When the buffers are not host memory (``on_host`` False, e.g. ``buffer == "CUDA0"``) the views are
 absent; with ``numba.cuda`` available :func:`device_tensors` wraps the pointers as device arrays,
 :func:`device_keys` reads the keys the planner needs (never the values) and :func:`compact_device` runs the plan
-with ``kvmerge_local.kernels.inplace_cuda`` and rewrites the cells as on the CPU; its restore source is the
-state blob, read first.
+with ``kvmerge_local.kernels.inplace_cuda`` and rewrites the cells as on the CPU.  Its restore is on the device
+too (``kernels.cuda_undo``: the same permutation with an exact undo, and a device copy of the keys it
+re-rotates), so no state blob is read; a state the caller read before is again only the fallback.
 """
 from __future__ import annotations
 
@@ -143,40 +144,62 @@ def device_keys(ctx: int, ct: CacheTensors, geom: KVGeometry, n: int) -> np.ndar
 
 
 def compact_device(ctx: int, seq_id: int, geom: KVGeometry, ct: CacheTensors, plan: Plan, cell_pos: np.ndarray,
-                   key_delta: np.ndarray | None, rope, restore_state, write_state) -> None:
+                   key_delta: np.ndarray | None, rope, restore_state=None, write_state=None) -> None:
     """:func:`compact_inplace` on a CUDA cache (``ct.on_host`` False): the same plan with the ``numba.cuda``
-    kernels on the cache's device memory (``kernels.inplace_cuda``), then the same cell rewrite.
+    kernels on the cache's device memory (``kernels.inplace_cuda``), then the same cell rewrite.  Nothing of the
+    cache crosses the bus (no state read).
 
-    Order: ``cuda.synchronize()`` and ``llama_synchronize`` (llama.cpp's pending writes land), apply, re-rotate
-    the kept keys by ``key_delta`` when re-indexing (tables as ``rope._shift`` builds them), both syncs again,
-    then ``llama_kvm_seq_set_cells``.  Restore: ``restore_state`` (the sequence's state blob, read by the
-    caller before this call) is written back with ``write_state`` if anything fails -- the simplest exact
-    restore on a device (it costs one device->host copy of the cache per compaction; an undo copy of the
-    overwritten rows on the device would be cheaper)."""
+    Order: ``cuda.synchronize()`` and ``llama_synchronize`` (llama.cpp's pending writes land), apply (a
+    permutation with its exact undo on the device, :class:`~kvmerge_local.kernels.cuda_undo.DeviceUndo`: it
+    keeps only the late slots' previous segments -- none for a selection), re-rotate the kept keys by
+    ``key_delta`` (int[L, H, m]; tables as ``rope._shift`` builds them) after copying the head segments it
+    rotates on the device (:class:`~kvmerge_local.kernels.cuda_undo.DeviceKeySnapshot`), both syncs again, then
+    ``llama_kvm_seq_set_cells``.  If anything fails, the key snapshot and then the undo put the cache back bit
+    for bit on the device; ``restore_state`` (a state blob the caller read before, written with
+    ``write_state``) is only the fallback should that undo itself fail."""
     from .. import codec  # noqa: PLC0415
     from ..kernels import inplace_cuda as IC  # noqa: PLC0415 - numba.cuda, compiles on first use
     from .rope import shift_tables  # noqa: PLC0415
 
     if ct.on_host:
         raise KVMergeError("the cache is in host memory: compact_inplace")
-    if restore_state is None:
-        raise KVMergeError("compaction on the device needs the state read before it (the restore source)")
     _check_slots(ctx, seq_id, plan.n_in)
     k, v = device_tensors(ct, geom)
+    undo, snap = IC.DeviceUndo(), None
     try:
         with IC.synchronized():
             _lib.synchronize(ctx)
-            IC.apply_inplace_cuda(k, v, plan, v_trans=ct.v_trans, k_type=ct.k_type, v_type=ct.v_type)
+            IC.apply_inplace_cuda(k, v, plan, v_trans=ct.v_trans, k_type=ct.k_type, v_type=ct.v_type, undo=undo)
             if key_delta is not None and np.any(key_delta):
                 idx, cos_t, sin_t = shift_tables(rope, np.asarray(key_delta))
+                snap = IC.DeviceKeySnapshot(k, idx, ct.k_type, geom.head_dim)
                 IC.rerotate_inplace_cuda(k, idx, cos_t, sin_t, neox=rope.neox, k_type=ct.k_type,
                                          nrot_hadamard=codec.cache_rot_size(ct.k_type, geom.head_dim, "k"))
             _lib.synchronize(ctx)
         _set_cells(ctx, seq_id, cell_pos)
     except BaseException:
         log.warning("compaction on the device failed; restoring the %d-cell original", plan.n_in)
-        write_state(restore_state)
+
+        def restore() -> None:
+            with IC.synchronized():
+                if snap is not None:
+                    snap.restore()
+                undo.restore()
+
+        _undo_or_fallback(restore, restore_state, write_state)
         raise
+
+
+def _undo_or_fallback(restore, restore_state, write_state) -> None:
+    """Run ``restore()`` (the exact undo); should it fail, write back ``restore_state`` (a state blob read
+    before, with ``write_state``) when there is one, else re-raise the undo's failure."""
+    try:
+        restore()
+    except BaseException:
+        if restore_state is None:
+            raise
+        log.exception("the undo failed; writing back the state read before")
+        write_state(restore_state)
 
 
 def _check_slots(ctx: int, seq_id: int, n: int) -> None:
@@ -297,15 +320,13 @@ def compact_inplace(ctx: int, seq_id: int, geom: KVGeometry, ct: CacheTensors, p
         _set_cells(ctx, seq_id, cell_pos)
     except BaseException:
         log.warning("compaction in place failed; restoring the %d-cell original", plan.n_in)
-        try:
+
+        def restore() -> None:
             if snap is not None:
                 snap.restore()
             undo.restore()
-        except BaseException:
-            if restore_state is None:
-                raise
-            log.exception("the undo failed; writing back the state read before")
-            write_state(restore_state)
+
+        _undo_or_fallback(restore, restore_state, write_state)
         raise
     return None if snap is None else snap.buf
 

@@ -15,7 +15,7 @@ compacts **in place** on the cache's own memory (:mod:`.inplace`, patch v2: no s
 metadata goes through llama.cpp).  When the tensors are on a CUDA device (buffers like ``"CUDA0"``) and
 ``numba.cuda`` is available it compacts in place **on the device** (:func:`.inplace.compact_device`: the
 ``numba.cuda`` kernels of :mod:`kvmerge_local.kernels.inplace_cuda`, planning on keys read from the device,
-the state blob read first as the restore source).  Otherwise, or with ``KVBridge(ctx, inplace=False)``, it takes the state
+undone exactly on the device if a step fails: no state read).  Otherwise, or with ``KVBridge(ctx, inplace=False)``, it takes the state
 path: apply the plan to a fresh blob, re-rotate keys when positions are re-indexed (:mod:`.rope`), write it,
 and write the original back if llama.cpp refuses the result.  Both give bit-identical caches
 (tests/test_inplace.py).  On the state path, applying fills the fresh blob of ``m`` cells in place: float caches go
@@ -287,9 +287,9 @@ class KVBridge:
             log.info("compaction of %d cells is the identity: nothing written", n)
             return st if st is not None else _LazyState(self, n)
         delta = (cell_pos[None, None, :] - kp) if reindex else None
-        if not ct.on_host:  # CUDA: the numba.cuda kernels on the device memory; the state blob is the restore source
+        if not ct.on_host:  # CUDA: the numba.cuda kernels on the device memory, undone there on failure
             compact_device(self.ctx.ptr, self.seq_id, self.geom, ct, plan, cell_pos, delta,
-                           (rope or self.rope) if reindex else None, self.read() if st is None else st, self.write)
+                           (rope or self.rope) if reindex else None, restore_state=st, write_state=self.write)
             self.timings["apply"] = time.perf_counter() - t0
             return _LazyState(self, plan.m)
         buf = compact_inplace(self.ctx.ptr, self.seq_id, self.geom, ct, plan, cell_pos, delta,

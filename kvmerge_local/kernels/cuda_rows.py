@@ -1,4 +1,5 @@
-"""``numba.cuda`` device kernels on llama.cpp cache tensors: raw moves, row decode to float32, merge, encode.
+"""``numba.cuda`` device kernels on llama.cpp cache tensors: raw moves and swaps, row decode to float32, merge,
+encode, the undo's restores.
 
 Used by :mod:`.inplace_cuda` (the in-place apply and key re-rotation); no host logic here.  A layer's tensor
 is addressed per (KV head ``h``, cell ``c``, unit ``b``) as ``A[c, h*W + b]`` (rows: one cell per row) or,
@@ -75,21 +76,6 @@ def _item(t, n):
     """Work item t of ``[rows, n]`` as (row, column)."""
     r = t // n
     return r, t - r * n
-
-
-@cuda.jit
-def move_in_order(A, trans, W, cf):
-    """Copy slots of one layer, in place: thread = (head h, unit b); ``cf[h, j]`` = source cell of slot j, or
-    -1 (not a direct copy).  Slots run in ascending j, and the host only passes sources with ``cf >= j``: slot j
-    reads cell ``cf[h, j] >= j``, which no earlier slot ``j' < j`` has written (it wrote cell ``j'``)."""
-    t = cuda.grid(1)
-    if t >= cf.shape[0] * W:
-        return
-    h, b = _item(t, W)
-    for j in range(cf.shape[1]):
-        c = cf[h, j]
-        if c > j:
-            A[_ix(trans, W, h, j, b)] = A[_ix(trans, W, h, c, b)]
 
 
 @cuda.jit
@@ -304,3 +290,62 @@ def fwht_rows(X, nrot, scale):
                 X[r, o + i + j] = _add(u, v)
                 X[r, o + i + ln + j] = _sub(u, v)
         ln *= 2
+
+
+# --- permutation apply and its undo (kernels.cuda_undo) ---------------------------------------------------------
+
+@cuda.jit(device=True)
+def _walk(A, trans, W, fw, h, b, reverse):
+    """Unit b of head h: exchange slot j with cell ``fw[h, j]`` for every ``fw[h, j] >= 0``, in ascending j
+    (descending: ``reverse``, which undoes the ascending walk)."""
+    m = fw.shape[1]
+    for q in range(m):
+        j = m - 1 - q if reverse else q
+        c = fw[h, j]
+        if c >= 0:
+            x = A[_ix(trans, W, h, j, b)]
+            A[_ix(trans, W, h, j, b)] = A[_ix(trans, W, h, c, b)]
+            A[_ix(trans, W, h, c, b)] = x
+
+
+@cuda.jit
+def swap_in_order(A, trans, W, fw, done):
+    """Exchange slots with the cells they take, in place: thread = (head h, unit b); ``fw[h, j]`` = the cell slot
+    j exchanges with (``> j``, read by no other slot), or -1.  Ascending j; then ``done[t] = 1`` (int8[H * W]:
+    this thread's column is permuted -- what :func:`unswap_in_order` checks)."""
+    t = cuda.grid(1)
+    if t >= fw.shape[0] * W:
+        return
+    h, b = _item(t, W)
+    _walk(A, trans, W, fw, h, b, False)
+    done[t] = 1
+
+
+@cuda.jit
+def unswap_in_order(A, trans, W, fw, done):
+    """Undo :func:`swap_in_order` on the columns it permuted (``done[t] == 1``, reset to 0): the same exchanges
+    in descending j."""
+    t = cuda.grid(1)
+    if t >= fw.shape[0] * W or done[t] == 0:
+        return
+    h, b = _item(t, W)
+    _walk(A, trans, W, fw, h, b, True)
+    done[t] = 0
+
+
+@cuda.jit
+def mark(stage, v):
+    """``stage[0] = v`` (int64[1]): launched after a kernel on the same stream, it records that it ran."""
+    if cuda.grid(1) == 0:
+        stage[0] = v
+
+
+@cuda.jit
+def restore_if(A, trans, W, sh, sc, R, stage, v):
+    """Unit b of head ``sh[s]`` of cell ``sc[s]`` = ``R[s, b]`` (a saved segment put back), only when
+    ``stage[0] >= v`` (the save ran)."""
+    t = cuda.grid(1)
+    if t >= R.shape[0] * W or stage[0] < v:
+        return
+    s, b = _item(t, W)
+    A[_ix(trans, W, sh[s], sc[s], b)] = R[s, b]

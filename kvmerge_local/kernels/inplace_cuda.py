@@ -11,16 +11,16 @@ position order, ``N = plan.n_in``), per layer:
 
 After the call slots ``0..m-1`` of every (layer, head) hold the plan's output; slots ``m..`` are don't-care.
 
-Ordering (why nothing is overwritten before it is read), per layer and per tensor:
+Ordering (why nothing is overwritten before it is read), per layer and per tensor -- the permutation of the
+CPU path (:mod:`.inplace_swap`; kinds and undo in :mod:`.cuda_undo`):
 
-1. every merged slot's sources are decoded into a float32 scratch buffer ``X`` (and the rare copy whose
-   source lies *before* its slot, ``src < j``, is staged raw) -- before anything is written;
-2. copies with ``src >= j`` move raw units (exact for every type) in ascending j: slot j reads cell
-   ``src_j >= j``, and the slots before it only wrote cells ``j' < j <= src_j``.  (For a selection plan the
-   kept cells are ascending, so ``src_j >= j`` always holds; the check is made per slot anyway.)
-3. merges are computed from ``X`` into ``Y`` (float32, source order, as the CPU kernel), then encoded into
-   their slots (f16 saturated; bf16 round-half-even; q8_0/q4_0 requantized, only the merged heads' blocks);
-   staged copies are written back.
+1. every merged slot's sources are decoded into a float32 scratch buffer ``X``, and every *late* copy (source
+   before its slot, ``src < j``, or a cell several slots read) is staged raw -- before anything is written;
+2. every other copy (all of a selection's) *exchanges* its slot with its source cell ``src > j``, in ascending
+   j: a later exchange never reads a cell an earlier one wrote;
+3. the late slots' current segments are saved (the undo's only copy), then merges are computed from ``X`` into
+   ``Y`` (float32, source order, as the CPU kernel) and encoded into their slots (f16 saturated; bf16
+   round-half-even; q8_0/q4_0 requantized, only the merged heads' blocks); staged copies are written back.
 
 Kernels are launched on the default stream in that order, so each step sees the previous one's writes.
 
@@ -62,6 +62,7 @@ from numba import cuda
 from ..codec.types import GGML_TYPE_BF16, GGML_TYPE_F16, GGML_TYPE_F32, GGML_TYPE_Q4_0, TYPES, row_bytes
 from ..plan import Plan
 from . import cuda_rows as K
+from .cuda_undo import DeviceKeySnapshot, DeviceUndo, swap_kinds
 
 log = logging.getLogger(__name__)
 
@@ -150,16 +151,19 @@ def slot_copies(plan: Plan, which: str) -> np.ndarray:
 
 
 class _LayerWork:
-    """What one layer's apply needs for one tensor, as small host arrays."""
+    """What one layer's apply needs for one tensor, as small host arrays (:func:`.cuda_undo.swap_kinds`): the
+    swaps ``fw``; the late slots ``lh``/``lj`` -- merges ``mh``/``mj`` first, then the late copies
+    ``sh``/``sj`` with their sources ``sc``; the merge sources ``nh``/``nc`` and ``xrow``."""
 
     def __init__(self, plan: Plan, w: np.ndarray, cf: np.ndarray, l: int) -> None:
         N = plan.n_in
-        H, m = cf.shape
-        j = np.arange(m)
-        self.direct = np.where(cf >= j, cf, -1).astype(np.int32)  # (cf == j: nothing to move)
-        self.sh, self.sj = (x.astype(np.int32) for x in np.nonzero((cf >= 0) & (cf < j)))
+        self.fw, late = swap_kinds(cf, N)
+        lh, lj = np.nonzero(late)
+        copy = cf[lh, lj] >= 0
+        self.sh, self.sj = lh[copy].astype(np.int32), lj[copy].astype(np.int32)
         self.sc = cf[self.sh, self.sj].astype(np.int32)
-        self.mh, self.mj = (x.astype(np.int32) for x in np.nonzero(cf < 0))
+        self.mh, self.mj = lh[~copy].astype(np.int32), lj[~copy].astype(np.int32)
+        self.lh, self.lj = np.concatenate([self.mh, self.sh]), np.concatenate([self.mj, self.sj])
         # the sources the merged slots read (non-zero weights), as rows of X; xrow[t - t0]: X row of source t
         o = plan.offsets[l]
         starts, cnt = o[self.mh, self.mj], o[self.mh, self.mj + 1] - o[self.mh, self.mj]
@@ -209,7 +213,7 @@ def _encode(a, elem, type_id: int, trans: bool, d: int, mh, mj, Y, n: int) -> No
         _launch(K.write_float, n * d, elem.view(_ELEM[type_id]), trans, d, mh, mj, Y, hi)
 
 
-def _apply_tensor(layers, plan: Plan, which: str, type_id: int, trans: bool, d: int) -> None:
+def _apply_tensor(layers, plan: Plan, which: str, type_id: int, trans: bool, d: int, undo: DeviceUndo) -> None:
     w = plan.wk if which == "k" else plan.wv
     cf_all = slot_copies(plan, which)
     d_off, d_w = cuda.to_device(plan.offsets), cuda.to_device(w)
@@ -217,10 +221,9 @@ def _apply_tensor(layers, plan: Plan, which: str, type_id: int, trans: bool, d: 
     for l, a0 in enumerate(layers):
         a, host = _dev(a0)
         work = _LayerWork(plan, w, cf_all[l], l)
-        H = cf_all.shape[1]
         raw, elem = _views(a, type_id, trans)
         W = d if trans else hb // 2
-        # 1. read everything a write could clobber: merge sources (decoded) and backward copies (raw)
+        # 1. from the untouched cache: the merge sources (decoded) and the late copies' sources (raw)
         n_need, n_merge, n_stage = len(work.nc), len(work.mj), len(work.sj)
         X = Y = R = None
         if n_merge:
@@ -230,10 +233,11 @@ def _apply_tensor(layers, plan: Plan, which: str, type_id: int, trans: bool, d: 
             R = cuda.device_array((n_stage, W), raw.dtype)
             sh = cuda.to_device(work.sh)
             _launch(K.stage_raw, n_stage * W, raw, trans, W, sh, cuda.to_device(work.sc), R, True)
-        # 2. forward copies in ascending slot order
-        if np.any(work.direct >= 0):
-            _launch(K.move_in_order, H * W, raw, trans, W, cuda.to_device(work.direct))
-        # 3. merges through scratch, then the staged copies
+        # 2. the swaps, ascending slots (recorded first: the undo knows what ran from flags set on the device)
+        unit = undo.record(raw, trans, W, work.fw, work.lh, work.lj, a, host)
+        unit.swap()
+        # 3. the late slots: their current segments saved, then merges through scratch and the staged copies
+        unit.save_late()
         if n_merge:
             Y = cuda.device_array((n_merge, d), np.float32)
             mh, mj = cuda.to_device(work.mh), cuda.to_device(work.mj)
@@ -268,19 +272,24 @@ def _check(layers, shape: tuple[int, int, int], type_id: int, trans: bool, name:
     return n_embd // n_kv_head
 
 
-def apply_inplace_cuda(k_layers, v_layers, plan: Plan, *, v_trans: bool, k_type: int, v_type: int) -> None:
+def apply_inplace_cuda(k_layers, v_layers, plan: Plan, *, v_trans: bool, k_type: int, v_type: int,
+                       undo: DeviceUndo | None = None) -> DeviceUndo:
     """Apply ``plan`` in place on per-layer cache tensors (see the module docstring for layouts and ordering).
 
     ``k_layers``/``v_layers``: sequences of ``numba.cuda`` device arrays, e.g. from
     :func:`device_array_from_pointer` (a C-contiguous host NumPy array is copied to the device, compacted there
-    and copied back: tests).  Raises ValueError for a bad plan or layout before anything is written.
+    and copied back: tests).  Raises ValueError for a bad plan or layout before anything is written.  Returns
+    the exact undo (:class:`~.cuda_undo.DeviceUndo`; ``undo``, filled, when given -- so that a failure part-way
+    through the layers can still be undone): its ``restore()`` puts every tensor back bit for bit, on the device.
     """
     plan.validate()
     shape = (plan.n_layer, plan.n_kv_head, plan.n_in)
     dk = _check(k_layers, shape, k_type, False, "K")
     dv = _check(v_layers, shape, v_type, v_trans, "V")
-    _apply_tensor(k_layers, plan, "k", k_type, False, dk)
-    _apply_tensor(v_layers, plan, "v", v_type, v_trans, dv)
+    undo = DeviceUndo() if undo is None else undo
+    _apply_tensor(k_layers, plan, "k", k_type, False, dk, undo)
+    _apply_tensor(v_layers, plan, "v", v_type, v_trans, dv, undo)
+    return undo
 
 
 def read_keys_cuda(k_layers, n_cells: int, n_kv_head: int, *, k_type: int) -> np.ndarray:
@@ -350,5 +359,5 @@ def rerotate_inplace_cuda(k_layers, idx: np.ndarray, cos_t: np.ndarray, sin_t: n
     return done
 
 
-__all__ = ["apply_inplace_cuda", "rerotate_inplace_cuda", "read_keys_cuda", "device_array_from_pointer", "device_pointer",
-           "synchronized", "slot_copies"]
+__all__ = ["apply_inplace_cuda", "rerotate_inplace_cuda", "read_keys_cuda", "device_array_from_pointer",
+           "device_pointer", "synchronized", "slot_copies", "DeviceUndo", "DeviceKeySnapshot"]
