@@ -180,6 +180,8 @@ class KZRunMerge(KVzip):
         return _csr(per, L, H, N, self.pa)
 
 VARIANTS = {
+    "kzr25": lambda: KZRecent(frac=0.25),
+    "kzr50": lambda: KZRecent(frac=0.5),
     "cm2": lambda: ChunkMerge(c=2),
     "cm2pa": lambda: ChunkMerge(c=2, pa=True),
     "cm4": lambda: ChunkMerge(c=4),
