@@ -48,7 +48,7 @@ def split_text(text: str, prefix_frac: float = 0.75) -> tuple[str, str]:
     return prefix, text[len(prefix):]
 
 
-def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """float64[n]: -log softmax(logits[i])[targets[i]]; logits float32[n, n_vocab], targets int[n]."""
     z = logits.astype(np.float64)
     z -= z.max(axis=1, keepdims=True)
@@ -76,7 +76,7 @@ def score_suffix(session, prefix: str, suffix: str, max_suffix_tokens: int = 256
             part = toks[i:i + step]
             lg = ctx.decode(part, logits="all")
             nxt = toks[i + 1:i + 1 + len(part)]
-            nll.append(_nll(lg[: len(nxt)], nxt))
+            nll.append(token_nll(lg[: len(nxt)], nxt))
     finally:
         session.bridge.remove_from(p0)
     v = np.concatenate(nll)

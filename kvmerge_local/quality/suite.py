@@ -29,6 +29,7 @@ import numpy as np
 from ..budget import Budget
 from ..methods import Method
 from .harness import BenchError
+from .perplexity import token_nll
 from .ruler import score_all
 
 log = logging.getLogger(__name__)
@@ -102,14 +103,11 @@ def answer_logprob(session, q: dict, cfg: SuiteConfig) -> tuple[float, float]:
     p0, ctx = session.ctx.n_past, session.ctx
     try:
         logits = np.concatenate([ctx.decode(t_qa[i:i + ctx.n_batch], logits="all")
-                                 for i in range(0, len(t_qa), ctx.n_batch)]).astype(np.float64)
+                                 for i in range(0, len(t_qa), ctx.n_batch)])
     finally:
         session.bridge.remove_from(p0)
     rows, target = logits[k - 1:-1], t_qa[k:]
-    top = rows.max(axis=1)
-    lse = np.log(np.exp(rows - top[:, None]).sum(axis=1)) + top
-    lp = rows[np.arange(len(target)), target] - lse
-    return float(-lp.mean()), float(np.mean(rows.argmax(axis=1) == target))
+    return float(token_nll(rows, target).mean()), float(np.mean(rows.argmax(axis=1) == target))
 
 
 @dataclasses.dataclass

@@ -20,6 +20,7 @@ from kvmerge_local.engine import Session  # noqa: E402
 from kvmerge_local.engine.cache import float_views  # noqa: E402
 from kvmerge_local.models import default_document_model  # noqa: E402
 from kvmerge_local.quality import ruler, suite  # noqa: E402
+from kvmerge_local.quality.perplexity import token_nll  # noqa: E402
 
 
 def char_offsets(s):
@@ -64,11 +65,9 @@ def surprisal(s, toks):
     out = np.zeros(len(toks), np.float32)
     nb = s.ctx.n_batch
     for i in range(0, len(toks), nb):
-        lg = s.ctx.decode(toks[i:i + nb], logits="all").astype(np.float64)
-        lse = np.log(np.exp(lg - lg.max(1, keepdims=True)).sum(1)) + lg.max(1)
+        lg = s.ctx.decode(toks[i:i + nb], logits="all")
         nxt = toks[i + 1:i + 1 + len(lg)]
-        k = len(nxt)
-        out[i + 1:i + 1 + k] = (lse[:k] - lg[np.arange(k), nxt])
+        out[i + 1:i + 1 + len(nxt)] = token_nll(lg[:len(nxt)], nxt)
     return out
 
 
