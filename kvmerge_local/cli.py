@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from .budget import Budget
-from .defaults import DEFAULT_METHOD
+from .defaults import DEFAULT_METHOD, KV_TYPE_NAMES
 from .errors import KVMergeError
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def _session_args(p: argparse.ArgumentParser, doc_required: bool = True) -> None
     p.add_argument("--method", default=DEFAULT_METHOD, help="compression method (see `kvmerge-local methods`)")
     p.add_argument("--budget", type=_budget, default=Budget(0.5), help="fraction of tokens to keep, or a cell count")
     p.add_argument("--n-ctx", type=int, default=2048)
-    p.add_argument("--kv-type", default="f16", choices=["f16", "f32", "bf16", "q8_0", "q4_0"])
+    p.add_argument("--kv-type", default="f16", choices=KV_TYPE_NAMES)
     p.add_argument("--position-policy", default="auto", choices=["auto", "keep", "reindex"])
     p.add_argument("--n-gpu-layers", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)

@@ -6,3 +6,6 @@
 #: overlap) and the only one of the two that keeps facts from the start of a document; every other method
 #: scored lower (kvmerger+budget, the previous default chosen on the embedded tiny model, 11%).
 DEFAULT_METHOD = "kvzip"
+
+#: The cache element types a context can be opened with (``--kv-type``; the bridge maps them to ggml types).
+KV_TYPE_NAMES = ("f16", "f32", "bf16", "q8_0", "q4_0")

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import KVMergeError, ModelError
 from . import _lib
+from ..defaults import KV_TYPE_NAMES
 from .state import TYPE_IDS, KVGeometry
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ REFUSED_ARCHS: dict[str, str] = {
 }
 
 #: Cache types a user may ask for, by name.
-KV_TYPES = {name: TYPE_IDS[name] for name in ("f16", "f32", "bf16", "q8_0", "q4_0")}
+KV_TYPES = {name: TYPE_IDS[name] for name in KV_TYPE_NAMES}
 
 
 def _read_gguf_arch(path: Path) -> str:

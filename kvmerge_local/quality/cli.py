@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..defaults import KV_TYPE_NAMES
 from ..errors import KVMergeError
 from . import harness, perplexity, report, suite_report
 
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", default="\\n", help="stop generating at this string (default: newline; '' = never)")
     p.add_argument("--prompt", default="auto", choices=["auto", "raw", "chat"],
                    help="raw: the file's text exactly; chat: the model's template; auto: raw unless it has one")
-    p.add_argument("--kv-type", default="f16", choices=["f16", "f32", "bf16", "q8_0", "q4_0"])
+    p.add_argument("--kv-type", default="f16", choices=KV_TYPE_NAMES)
     p.add_argument("--position-policy", default="auto", choices=["auto", "keep", "reindex"])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--ppl", type=Path, default=None, help="JSONL {id, text}: also measure held-out perplexity")

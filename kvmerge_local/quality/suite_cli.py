@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..defaults import KV_TYPE_NAMES
 from ..errors import KVMergeError
 from . import perplexity, ruler, suite, suite_report
 from .harness import BenchError, RunConfig, make_method, parse_budgets, parse_methods, progress_bar, read_jsonl
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="chat", choices=["chat", "raw"])
     p.add_argument("--n-ctx", type=int, default=None, help="default: the longest document + 640")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--kv-type", default="f16", choices=["f16", "bf16", "q8_0", "q4_0"],
+    p.add_argument("--kv-type", default="f16", choices=KV_TYPE_NAMES,
                    help="the cache's element type (q8_0 / q4_0 halve / quarter its memory before any eviction)")
     p.add_argument("--ppl", type=Path, default=None, help="JSONL {id, text}: also measure held-out perplexity")
     p.add_argument("--ppl-limit", type=int, default=None, help="at most this many perplexity texts")
