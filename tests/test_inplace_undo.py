@@ -103,7 +103,7 @@ def test_copies_land_and_undo_restores_every_byte(kt, vt, trans, name):
     undo = I.apply_inplace(kl, vl, plan, v_trans=trans, k_type=kt, v_type=vt)
     assert len(undo.units) == 2 * L
     for layers, orig, w, tr in ((kl, k0, plan.wk, False), (vl, v0, plan.wv, trans)):
-        cf = I._swap_plans(plan.offsets, plan.src, w, N)[0]
+        cf = I.swap_plans(plan.offsets, plan.src, w, N)[0]
         for l in range(L):
             got, src = _heads(layers[l], tr, m), _heads(orig[l], tr, N)
             for h in range(H):
@@ -139,7 +139,7 @@ def test_a_selection_saves_nothing_and_swaps_sort_the_plan():
     """A selection is all swaps (no late slot, nothing saved); ``dup`` and ``back`` need late slots."""
     for name, w_late in (("select", False), ("dup", True), ("back", True), ("mixed", True)):
         p = PLANS[name]
-        cf, fw, late, off = I._swap_plans(p.offsets, p.src, p.wk, N)
+        cf, fw, late, off = I.swap_plans(p.offsets, p.src, p.wk, N)
         assert (len(late) > 0) == w_late, name
         assert np.all((fw < 0) | (fw > np.arange(m))), name  # swaps only with cells ahead
         for l in range(L):

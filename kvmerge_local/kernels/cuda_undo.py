@@ -2,7 +2,8 @@
 
 :func:`kvmerge_local.kernels.inplace_cuda.apply_inplace_cuda` applies a plan as the CPU path does
 (:mod:`.inplace_swap`): per (layer, K or V tensor, head), with ``cf[h, j]`` the source cell of copy slot ``j``
-(-1: merged), the slots fall in three kinds (:func:`swap_kinds`):
+(-1: merged), the slots fall in three kinds (:func:`kvmerge_local.kernels.inplace.swap_plans`, shared with the
+CPU path):
 
 - *identity* ``cf == j``: nothing moves;
 - *swap* ``cf > j`` and no other copy slot of the head reads that cell: cell ``j``'s head segment and cell
@@ -33,20 +34,6 @@ from numba import cuda
 
 from ..codec.types import row_bytes
 from . import cuda_rows as K
-
-
-def swap_kinds(cf: np.ndarray, n_in: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(fw, late)`` for one layer's copy sources ``cf`` (int[H, m], -1 merged) over ``n_in`` cells: ``fw``
-    int32[H, m] the cell slot ``j`` exchanges with (-1: identity or late), ``late`` bool[H, m] the late slots --
-    the kinds of :func:`kvmerge_local.kernels.inplace._swap_plans`."""
-    H, m = cf.shape
-    j = np.arange(m)
-    ok = cf >= 0
-    key = (np.arange(H)[:, None] * n_in + cf)[ok]
-    uses = np.zeros((H, m), np.int64)
-    uses[ok] = np.bincount(key, minlength=H * n_in)[key]
-    fw = np.where((cf > j) & (uses == 1), cf, -1).astype(np.int32)
-    return fw, (cf != j) & (fw < 0)
 
 
 def _launch(kernel, n, *args):

@@ -68,7 +68,7 @@ def _merge_slot(flat, cell_off, es, offsets, psrc, w, l, h, j, acc):
 
 
 @njit(cache=True)
-def _swap_plans(offsets, psrc, w, n_in):
+def swap_plans(offsets, psrc, w, n_in):
     """The kinds of every slot (:mod:`.inplace_swap`) for weights ``w``: ``cf`` int32[L, H, m] copy sources
     (-1 merged); ``fw`` int32[L, H, m] the cell a slot swaps with (-1: an identity or a late slot); ``late``
     int64[n_late, 2] the late slots ``(head, slot)``, layer ``l``'s at ``late_off[l]:late_off[l + 1]``.  A copy
@@ -337,9 +337,9 @@ def apply_inplace(k_layers, v_layers, plan: Plan, *, v_trans: bool, k_type: int,
         raise ValueError("a quantized V cache is never transposed")
     undo = InplaceUndo() if undo is None else undo
     g = max(1, min(plan.n_kv_head, n_threads or get_num_threads()))
-    kk = _swap_plans(plan.offsets, plan.src, plan.wk, plan.n_in)
+    kk = swap_plans(plan.offsets, plan.src, plan.wk, plan.n_in)
     kv = kk if plan.wv is plan.wk or np.array_equal(plan.wv, plan.wk) else \
-        _swap_plans(plan.offsets, plan.src, plan.wv, plan.n_in)
+        swap_plans(plan.offsets, plan.src, plan.wv, plan.n_in)
 
     def kinds(p, l):
         cf, fw, late, off = p

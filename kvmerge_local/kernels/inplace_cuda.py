@@ -62,7 +62,8 @@ from numba import cuda
 from ..codec.types import GGML_TYPE_BF16, GGML_TYPE_F16, GGML_TYPE_F32, GGML_TYPE_Q4_0, TYPES, row_bytes
 from ..plan import Plan
 from . import cuda_rows as K
-from .cuda_undo import DeviceKeySnapshot, DeviceUndo, swap_kinds
+from .cuda_undo import DeviceKeySnapshot, DeviceUndo
+from .inplace import swap_plans
 
 log = logging.getLogger(__name__)
 
@@ -136,29 +137,17 @@ def _launch(kernel, n, *args):
 
 # --- plan bookkeeping (host) ------------------------------------------------------------------------------------
 
-def slot_copies(plan: Plan, which: str) -> np.ndarray:
-    """int64[L, H, m]: the source cell of each copy slot (one non-zero weight, equal to 1), else -1."""
-    w = plan.wk if which == "k" else plan.wv
-    L, H, m = plan.pos.shape
-    cnt = np.diff(plan.offsets, axis=2).reshape(-1)
-    slot = np.repeat(np.arange(L * H * m), cnt)
-    nz = np.flatnonzero(w != 0)
-    n_nz = np.bincount(slot[nz], minlength=L * H * m)
-    one = np.zeros(L * H * m, np.int64)
-    one[slot[nz]] = nz  # for slots with exactly one non-zero source this is that source
-    ok = (n_nz == 1) & (w[one] == 1.0)
-    return np.where(ok, plan.src[one], -1).astype(np.int64).reshape(L, H, m)
-
-
 class _LayerWork:
-    """What one layer's apply needs for one tensor, as small host arrays (:func:`.cuda_undo.swap_kinds`): the
+    """What one layer's apply needs for one tensor, as small host arrays (from
+    :func:`~kvmerge_local.kernels.inplace.swap_plans`, the CPU path's slot kinds: ``cf`` int[H, m] copy sources,
+    ``fw`` int32[H, m] swaps, ``late`` int64[n_late, 2] late ``(head, slot)``): the
     swaps ``fw``; the late slots ``lh``/``lj`` -- merges ``mh``/``mj`` first, then the late copies
     ``sh``/``sj`` with their sources ``sc``; the merge sources ``nh``/``nc`` and ``xrow``."""
 
-    def __init__(self, plan: Plan, w: np.ndarray, cf: np.ndarray, l: int) -> None:
+    def __init__(self, plan: Plan, w: np.ndarray, cf: np.ndarray, fw: np.ndarray, late: np.ndarray, l: int) -> None:
         N = plan.n_in
-        self.fw, late = swap_kinds(cf, N)
-        lh, lj = np.nonzero(late)
+        self.fw = fw
+        lh, lj = late[:, 0], late[:, 1]
         copy = cf[lh, lj] >= 0
         self.sh, self.sj = lh[copy].astype(np.int32), lj[copy].astype(np.int32)
         self.sc = cf[self.sh, self.sj].astype(np.int32)
@@ -215,12 +204,12 @@ def _encode(a, elem, type_id: int, trans: bool, d: int, mh, mj, Y, n: int) -> No
 
 def _apply_tensor(layers, plan: Plan, which: str, type_id: int, trans: bool, d: int, undo: DeviceUndo) -> None:
     w = plan.wk if which == "k" else plan.wv
-    cf_all = slot_copies(plan, which)
+    cf_all, fw_all, late_all, late_off = swap_plans(plan.offsets, plan.src, w, plan.n_in)
     d_off, d_w = cuda.to_device(plan.offsets), cuda.to_device(w)
     hb = row_bytes(type_id, d)
     for l, a0 in enumerate(layers):
         a, host = _dev(a0)
-        work = _LayerWork(plan, w, cf_all[l], l)
+        work = _LayerWork(plan, w, cf_all[l], fw_all[l], late_all[late_off[l]:late_off[l + 1]], l)
         raw, elem = _views(a, type_id, trans)
         W = d if trans else hb // 2
         # 1. from the untouched cache: the merge sources (decoded) and the late copies' sources (raw)
@@ -360,4 +349,4 @@ def rerotate_inplace_cuda(k_layers, idx: np.ndarray, cos_t: np.ndarray, sin_t: n
 
 
 __all__ = ["apply_inplace_cuda", "rerotate_inplace_cuda", "read_keys_cuda", "device_array_from_pointer",
-           "device_pointer", "synchronized", "slot_copies", "DeviceUndo", "DeviceKeySnapshot"]
+           "device_pointer", "synchronized", "DeviceUndo", "DeviceKeySnapshot"]

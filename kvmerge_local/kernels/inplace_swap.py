@@ -1,7 +1,7 @@
 """The data movement of compaction in place (CPU) as a permutation of the cache's own cells, so that it can be
 undone exactly without an undo copy of the cache.
 
-Per (layer, head) the plan's slots ``j < m`` fall in three kinds (``kernels.inplace._swap_plans`` sorts them),
+Per (layer, head) the plan's slots ``j < m`` fall in three kinds (``kernels.inplace.swap_plans`` sorts them),
 with ``s_j`` the source cell of a copy slot:
 
 - *identity*: ``s_j == j``, nothing moves;
