@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from .budget import Budget
-from .defaults import DEFAULT_METHOD, KV_TYPE_NAMES
+from .defaults import DEFAULT_MEMORY, DEFAULT_METHOD
+from .memory import MemoryPlan, kv_type_arg
 from .errors import KVMergeError
 
 log = logging.getLogger(__name__)
@@ -39,9 +40,14 @@ def _session_args(p: argparse.ArgumentParser, doc_required: bool = True) -> None
     p.add_argument("--model", default=None, help="GGUF path or models.txt name (default: the embedded model)")
     p.add_argument("--doc", required=doc_required, type=Path, help=".txt, .md or .pdf document")
     p.add_argument("--method", default=DEFAULT_METHOD, help="compression method (see `kvmerge-local methods`)")
-    p.add_argument("--budget", type=_budget, default=Budget(0.5), help="fraction of tokens to keep, or a cell count")
+    p.add_argument("--budget", type=_budget, default=None,
+                   help="fraction of tokens to keep, or a cell count (default 0.5 when --kv-type is given)")
+    p.add_argument("--memory", type=_memory, default=None,
+                   help="fraction of the bytes an f16 full cache takes: the cache is quantized first and only the "
+                        f"rest is evicted (default {DEFAULT_MEMORY} when neither --budget nor --kv-type is given)")
     p.add_argument("--n-ctx", type=int, default=2048)
-    p.add_argument("--kv-type", default="f16", choices=KV_TYPE_NAMES)
+    p.add_argument("--kv-type", default=None, type=kv_type_arg,
+                   help="cache element types: one for K and V, or K/V (e.g. q8_0/q4_0); default f16 with --budget")
     p.add_argument("--position-policy", default="auto", choices=["auto", "keep", "reindex"])
     p.add_argument("--n-gpu-layers", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
@@ -53,12 +59,32 @@ def _session_args(p: argparse.ArgumentParser, doc_required: bool = True) -> None
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _memory(s: str) -> float:
+    try:
+        return MemoryPlan.for_fraction(s).memory
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def sizing(memory: float | None, budget: Budget | None, kv_type: str | None) -> dict:
+    """Session.open's sizing arguments from the options: ``--memory`` alone, ``--budget``/``--kv-type`` (0.5 and
+    f16 for the one not given), or, with none of them, ``memory=DEFAULT_MEMORY``."""
+    if memory is not None and (budget is not None or kv_type is not None):
+        raise ValueError("--memory picks the cache type and the budget itself: give it alone, or give "
+                         "--budget/--kv-type without it")
+    if memory is None and budget is None and kv_type is None:
+        memory = DEFAULT_MEMORY
+    if memory is not None:
+        return {"memory": memory}
+    return {"budget": budget if budget is not None else Budget(0.5), "kv_type": kv_type or "f16"}
+
+
 def _open(a):
     from .engine import Session  # noqa: PLC0415
 
-    return Session.open(a.model, n_ctx=a.n_ctx, n_gpu_layers=a.n_gpu_layers, kv_type=a.kv_type,
-                        flash_attn=not a.no_flash_attn, n_threads=a.threads, method=a.method, budget=a.budget,
-                        position_policy=a.position_policy, seed=a.seed, chat_format=a.chat_format)
+    return Session.open(a.model, n_ctx=a.n_ctx, n_gpu_layers=a.n_gpu_layers, flash_attn=not a.no_flash_attn,
+                        n_threads=a.threads, method=a.method, position_policy=a.position_policy, seed=a.seed,
+                        chat_format=a.chat_format, **sizing(a.memory, a.budget, a.kv_type))
 
 
 def _progress(quiet: bool):
@@ -251,15 +277,15 @@ def cmd_demo(a) -> int:
         raise KVMergeError(f"the bundled sample PDF is missing: {pdf} (run scripts/make_sample_pdf.py)")
     model = _demo_model(a.model)
     mib = 1 << 20
-    with Session.open(model, n_ctx=a.n_ctx, method=DEFAULT_METHOD, budget=0.5, n_threads=a.threads) as s:
+    with Session.open(model, n_ctx=a.n_ctx, method=DEFAULT_METHOD, memory=DEFAULT_MEMORY, n_threads=a.threads) as s:
         print(f"model: {s.model_label} ({s.model.path.name}, {s.model.path.stat().st_size / 1e6:.0f} MB), "
               f"chat format {s.fmt.name}")
         st = _ingest(s, pdf, a.quiet)
         print(f"document: {pdf.name}, {len(s.pages)} pages, {st.tokens_ingested} tokens")
-        print(f"cache before compression: {st.tokens_ingested} cells, {st.kv_bytes_full / mib:.2f} MiB ({st.kv_type})")
-        print(f"cache after compression:  {st.doc_cells} cells, {st.kv_bytes_now / mib:.2f} MiB ({st.method} at "
-              f"budget {st.budget}: {st.kv_bytes_saved / mib:.2f} MiB saved, {100 * (1 - st.ratio):.0f}%; "
-              f"{st.n_compactions} compaction(s))")
+        print(f"cache before compression: {st.tokens_ingested} cells, {st.kv_bytes_f16 / mib:.2f} MiB (f16)")
+        print(f"cache after compression:  {st.doc_cells} cells, {st.kv_bytes_now / mib:.2f} MiB ({st.kv_type}, "
+              f"{st.method} at budget {st.budget}: {100 * st.memory_ratio:.0f}% of the f16 cache's memory, "
+              f"{(st.kv_bytes_f16 - st.kv_bytes_now) / mib:.2f} MiB saved; {st.n_compactions} compaction(s))")
         raw = s.fmt.name == "raw"  # a raw-text model (the embedded kvmerge-tiny): its trained prompt layout
         print(f"question: {DEMO_QUESTION}")
         pieces = []
@@ -329,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     me = sub.add_parser("methods", help="list the compression methods")
     me.add_argument("--json", action="store_true")
     me.set_defaults(func=cmd_methods)
-    d = sub.add_parser("demo", help="ingest the bundled sample PDF at a 50%% KVMerger budget and ask a question "
+    d = sub.add_parser("demo", help="ingest the bundled sample PDF at the default memory budget and ask a question "
                                     "(on the document model SmolLM2-135M-Instruct that `make setup` pulls)")
     d.add_argument("--model", default=None, help="GGUF path or models.txt name (default: the document model)")
     d.add_argument("--n-ctx", type=int, default=2048)

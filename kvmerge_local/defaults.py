@@ -9,3 +9,8 @@ DEFAULT_METHOD = "kvzip"
 
 #: The cache element types a context can be opened with (``--kv-type``; the bridge maps them to ggml types).
 KV_TYPE_NAMES = ("f16", "f32", "bf16", "q8_0", "q4_0")
+
+#: The memory budget the CLI, the UI and the demo use when nobody gives ``--budget`` or ``--kv-type``: this fraction
+#: of the bytes an f16 cache of the whole document takes, met by quantizing the cache first and evicting the rest
+#: with the method (kvmerge_local/memory.py).  Chosen by the real-model suite (README, "Memory, not cells").
+DEFAULT_MEMORY = 0.25

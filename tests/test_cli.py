@@ -85,7 +85,10 @@ def test_chat_reads_stdin(model_path, tmp_path, capsys, monkeypatch):
 @pytest.mark.llama
 def test_demo_runs_on_the_document_model(capsys):
     """`make demo`: SmolLM2-135M-Instruct (skipped only when it is not downloaded; `make setup` pulls it)
-    answers the sample PDF's question through its chat template from a 50% cache, citing page 2."""
+    answers the sample PDF's question through its chat template from a cache at the default memory budget
+    (q8_0/q4_0, the cells it leaves room for), citing page 2."""
+    from kvmerge_local.defaults import DEFAULT_MEMORY
+    from kvmerge_local.memory import MemoryPlan
     from kvmerge_local.models import DOCUMENT_MODEL, get_entry
 
     if not get_entry(DOCUMENT_MODEL).local_path.is_file():
@@ -100,7 +103,10 @@ def test_demo_runs_on_the_document_model(capsys):
     assert lines["cited"].startswith("page 2 (tokens ")
     assert lines["expected"].endswith("correct") and "NOT" not in lines["expected"]
     before, after = (int(lines[k].split()[0]) for k in ("cache before compression", "cache after compression"))
-    assert after == before // 2 and "50%" in lines["cache after compression"]
+    plan = MemoryPlan.for_fraction(DEFAULT_MEMORY)
+    assert after == round(plan.budget.value * before) and lines["cache after compression"].split(" (")[1].startswith(
+        f"{plan.storage}, ")
+    assert f"{100 * DEFAULT_MEMORY:.0f}% of the f16 cache's memory" in lines["cache after compression"]
 
 
 def test_demo_without_the_document_model_says_how_to_get_it(tmp_path, monkeypatch, capsys):

@@ -191,3 +191,63 @@ def test_answer_logprob_matches_a_token_by_token_decode_and_leaves_the_cache(smo
         smollm2.bridge.remove_from(n0)
     assert nll == pytest.approx(-np.mean(lps), abs=2e-2)
     assert tok_acc == pytest.approx(np.mean(hits))
+
+
+def test_memory_runs_group_methods_by_the_planned_storage_and_relabel_their_rows():
+    """``bench --memory``: one run per storage the plans need; a plan that keeps every cell runs full alone;
+    rows come back as METHOD@TYPES at the memory budget, with the cell budget they ran at."""
+    from kvmerge_local.memory import MemoryPlan
+    from kvmerge_local.quality.suite_cli import memory_runs, relabel
+
+    keep_all, evict = MemoryPlan.for_fraction(0.5), MemoryPlan.for_fraction(0.2)
+    assert keep_all.budget.value == 1.0 and evict.budget.value < 1.0
+    runs = {kv: (confs, labels) for kv, confs, labels in memory_runs(["full", "kvzip", "snapkv"], [0.5, 0.2], 64)}
+    want = {keep_all.storage.name: [("full", 1.0)]}
+    want.setdefault(evict.storage.name, []).extend([("kvzip", evict.budget.value), ("snapkv", evict.budget.value)])
+    assert {kv: [(n, b) for n, _, b in confs] for kv, (confs, _) in runs.items()} == want
+    confs, labels = runs[evict.storage.name]
+    row = {"doc": "d", "q": 0, "method": "kvzip", "budget": evict.budget.value, "score": 1.0}
+    out = relabel([row], labels)
+    assert out == [{**row, "method": f"kvzip@{evict.storage.name}", "budget": 0.2, "cell_budget": evict.budget.value}]
+    assert relabel([row], None) == [row]
+    only_f16 = memory_runs(["kvzip"], [0.3], 48)  # rows of 48 cannot be quantized: f16, 30% of the cells
+    assert [(kv, [(n, b) for n, _, b in c]) for kv, c, _ in only_f16] == [("f16", [("kvzip", 0.3)])]
+
+
+@pytest.mark.parametrize("extra", [["--kv-type", "q8_0"], ["--ppl", "x.jsonl"]])
+def test_memory_budgets_refuse_a_cache_type_or_perplexity(tmp_path, capsys, extra):
+    from kvmerge_local.quality.suite_cli import main
+
+    assert main(["--memory", "0.5", "--out", str(tmp_path / "o"), *extra]) == 2
+    assert "--memory picks the cache types itself" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def smollm2_default_memory(smollm2):
+    """SmolLM2 on the cache types the default memory plan picks (a second context; the f16 one stays)."""
+    from kvmerge_local.defaults import DEFAULT_MEMORY
+    from kvmerge_local.engine import Session
+
+    with Session.open(smollm2.model.path, n_ctx=1536, n_threads=2, memory=DEFAULT_MEMORY) as s:
+        yield s
+
+
+# The product's default (README, "Memory, not cells"): the same needles as above, the two KVzip loses at 50% of
+# the cells included, at a quarter of the f16 cache's bytes.
+@pytest.mark.llama
+@pytest.mark.parametrize("seed,shape", [(1, "number"), (3, "number"), (7, "number"), (1, "word"), (1, "uuid"),
+                                        (2, "uuid"), (3, "uuid")])
+def test_default_memory_budget_keeps_the_needles_the_f16_full_cache_answers(smollm2, smollm2_default_memory,
+                                                                              seed, shape):
+    from kvmerge_local.defaults import DEFAULT_MEMORY, DEFAULT_METHOD
+
+    s = smollm2_default_memory
+    doc = _needle(smollm2, seed, shape)
+    full = suite.run_document(smollm2, doc, CONFIGS[:1], suite.SuiteConfig())[0]
+    assert full["score"] == 1.0, full["output"]
+    cells = s.budget.value
+    row = suite.run_document(s, doc, [(DEFAULT_METHOD, make_method(DEFAULT_METHOD), cells)], suite.SuiteConfig())[0]
+    memory = row["cells"] * s.bytes_per_cell / (row["tokens"] * smollm2.bytes_per_cell)
+    assert memory == pytest.approx(DEFAULT_MEMORY, abs=0.002) and row["cells"] < row["tokens"]
+    assert row["score"] == 1.0, row["output"]

@@ -8,10 +8,11 @@ import time
 
 import numpy as np
 import pytest
-from kvmerge_local.defaults import DEFAULT_METHOD
+from kvmerge_local.defaults import DEFAULT_MEMORY, DEFAULT_METHOD
+from kvmerge_local.memory import KVStorage
 from kvmerge_local.models import DOCUMENT_MODEL
 
-from kvmerge_local.ui.choices import (EMBEDDED, Settings, default_model_choice, embedded_model, installed_models,
+from kvmerge_local.ui.choices import (AUTO, EMBEDDED, Settings, default_model_choice, embedded_model, installed_models,
                                       kv_type_choices, method_choices, model_choices)
 from kvmerge_local.ui.documents import UploadError, check_upload
 from kvmerge_local.ui.library import CACHE, META, Library, SavedDoc
@@ -94,9 +95,17 @@ def test_settings_from_ui_and_fingerprint():
     s = Settings.from_ui(EMBEDDED, DEFAULT_METHOD, 0.5, "f16", "2048")
     assert s == Settings(model=None, method=DEFAULT_METHOD, budget=0.5, kv_type="f16", n_ctx=2048)
     assert s.open_kwargs() == {"n_ctx": 2048, "kv_type": "f16", "method": DEFAULT_METHOD, "budget": 0.5}
-    assert s.fingerprint() == Settings().fingerprint()
-    assert s.fingerprint() != Settings(budget=0.25).fingerprint()
-    assert "embedded default" in s.describe()
+    assert s.fingerprint() == Settings(budget=0.5, kv_type="f16").fingerprint()
+    assert s.fingerprint() != Settings(budget=0.25, kv_type="f16").fingerprint()
+    assert "embedded default" in s.describe() and "@ 50% · f16" in s.describe()
+    # the default: a memory budget (the slider is then a share of the f16 cache's bytes)
+    auto = Settings()
+    assert (auto.kv_type, auto.budget) == (AUTO, DEFAULT_MEMORY)
+    assert auto.open_kwargs() == {"n_ctx": 2048, "method": DEFAULT_METHOD, "memory": DEFAULT_MEMORY}
+    assert f"@ {DEFAULT_MEMORY:.0%} memory · auto" in auto.describe()
+    assert Settings.from_ui(EMBEDDED, "h2o", 0.5, "q8_0/q4_0", 1024).open_kwargs()["kv_type"] == "q8_0/q4_0"
+    with pytest.raises(ValueError, match="unknown cache type 'q3'"):
+        Settings(kv_type="q3")
     assert Settings.from_ui("/m/llama.gguf", "h2o", 1, "q8_0", 4096).describe().endswith("llama.gguf")
 
 
@@ -107,7 +116,8 @@ def test_pickers_offer_the_registry_and_the_bridge_types():
     methods = [v for _, v in method_choices()]
     assert methods[0] == DEFAULT_METHOD and sorted(methods) == sorted(REGISTRY)
     kv = [v for _, v in kv_type_choices()]
-    assert kv[0] == "f16" and sorted(kv) == sorted(KV_TYPES)
+    assert kv[:2] == [AUTO, "f16"] and set(KV_TYPES) <= set(kv) and "q8_0/q4_0" in kv
+    assert all(KVStorage.parse(v) for v in kv if v != AUTO)
     models = model_choices("/some/where/model.gguf")
     assert ("model.gguf", "/some/where/model.gguf") in models
     # the real document model first (preselected when --model is absent), offered even before it is pulled;

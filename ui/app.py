@@ -191,7 +191,8 @@ def build_app(engine_factory: Any = None, *, default_model: str | None = None, l
                                          info="kvmerger merges similar neighbouring tokens; full keeps all",
                                          elem_id="kvm-method")
                     budget = gr.Slider(0.05, 1.0, value=base.budget, step=0.05, label="Budget",
-                                       info="share of the document's tokens the cache keeps (1 = no compression)")
+                                       info="KV type auto: share of the full f16 cache's memory; a KV type: share "
+                                            "of the document's tokens the cache keeps (1 = no compression)")
                     with gr.Row():
                         kv_type = gr.Dropdown(kv_types, value=base.kv_type, label="KV cache type", min_width=120)
                         n_ctx = gr.Dropdown([(f"{n:,}", n) for n in n_ctx_choices], value=int(base.n_ctx),

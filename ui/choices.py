@@ -8,15 +8,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvmerge_local.budget import Budget
-from kvmerge_local.defaults import DEFAULT_METHOD
+from kvmerge_local.defaults import DEFAULT_MEMORY, DEFAULT_METHOD
+from kvmerge_local.memory import KVStorage
 
 EMBEDDED = "embedded"
 """Model picker value for the embedded default model (``Session.open(model=None)``)."""
 
 N_CTX_CHOICES = (1024, 2048, 4096, 8192, 16384, 32768)
-KV_TYPE_ORDER = ("f16", "q8_0", "q4_0", "bf16", "f32")
+AUTO = "auto"
+"""KV type picker value for a memory budget: the budget slider is then the share of an f16 full cache's memory,
+met by quantizing first and evicting the rest (``Session.open(memory=...)``)."""
+KV_TYPE_ORDER = (AUTO, "f16", "q8_0", "q8_0/q4_0", "q4_0", "bf16", "f32")
 KV_TYPE_NOTES = {
-    "f16": "f16 (exact, default)",
+    AUTO: "auto: quantize, then evict (default)",
+    "f16": "f16 (exact)",
+    "q8_0/q4_0": "q8_0 K / q4_0 V (0.41 of the memory)",
     "q8_0": "q8_0 (half the memory)",
     "q4_0": "q4_0 (a quarter of the memory)",
     "bf16": "bf16",
@@ -30,12 +36,14 @@ class Settings:
 
     model: str | None = None
     method: str = DEFAULT_METHOD
-    budget: float = 0.5
-    kv_type: str = "f16"
+    budget: float = DEFAULT_MEMORY
+    kv_type: str = AUTO
     n_ctx: int = 2048
 
     def __post_init__(self) -> None:
         Budget.parse(self.budget)  # the UI's edge: an out-of-range budget is refused with the user's message
+        if self.kv_type != AUTO:
+            KVStorage.parse(self.kv_type)
 
     @classmethod
     def from_ui(cls, model: str | None, method: str, budget: float, kv_type: str, n_ctx: int | str) -> "Settings":
@@ -45,6 +53,8 @@ class Settings:
 
     def open_kwargs(self) -> dict:
         """Keyword arguments for ``Session.open`` / ``Session.load`` (besides the model)."""
+        if self.kv_type == AUTO:
+            return {"n_ctx": self.n_ctx, "method": self.method, "memory": self.budget}
         return {"n_ctx": self.n_ctx, "kv_type": self.kv_type, "method": self.method, "budget": self.budget}
 
     def fingerprint(self) -> str:
@@ -53,8 +63,10 @@ class Settings:
         return hashlib.sha1(blob).hexdigest()[:10]
 
     def describe(self) -> str:
-        """One line for people: ``kvmerger @ 50% · f16 · n_ctx 2048 · <model>``."""
-        return (f"{self.method} @ {self.budget:.0%} · {self.kv_type} · n_ctx {self.n_ctx} · "
+        """One line for people: ``kvzip @ 25% memory · auto · n_ctx 2048 · <model>`` (``@ 50% · f16`` with a
+        cache type: a share of the cells)."""
+        unit = " memory" if self.kv_type == AUTO else ""
+        return (f"{self.method} @ {self.budget:.0%}{unit} · {self.kv_type} · n_ctx {self.n_ctx} · "
                 f"{model_label(self.model)}")
 
 
@@ -141,8 +153,10 @@ def method_choices() -> list[tuple[str, str]]:
 
 
 def kv_type_choices() -> list[tuple[str, str]]:
-    """(label, value) for the KV cache types the bridge supports, most useful first."""
+    """(label, value) for :data:`AUTO` and the KV cache types the bridge supports (K/V pairs included), most
+    useful first."""
     from kvmerge_local.bridge.context import KV_TYPES
 
-    names = [t for t in KV_TYPE_ORDER if t in KV_TYPES] + [t for t in KV_TYPES if t not in KV_TYPE_ORDER]
+    names = [t for t in KV_TYPE_ORDER if t == AUTO or all(x in KV_TYPES for x in t.split("/"))]
+    names += [t for t in KV_TYPES if t not in KV_TYPE_ORDER]
     return [(KV_TYPE_NOTES.get(t, t), t) for t in names]

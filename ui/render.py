@@ -85,14 +85,15 @@ def _secs(t: float | None) -> str:
 
 
 def gauge_html(stats: dict | None, *, doc_name: str | None = None, n_pages: int = 0) -> str:
-    """The gauge: document tokens, cells in use of n_ctx, KV MB full vs now, ratio, prefill/compaction time."""
+    """The gauge: document tokens, cells in use of n_ctx, KV MB now vs the full f16 cache (``kv_bytes_f16``; the
+    full cache of the session's own types for stats that lack it), ratio, prefill/compaction time."""
     if not stats or not _num(stats, "tokens_ingested"):
         return ('<div class="kvm-gauge kvm-empty">No document yet — drop a PDF, TXT or MD file on the left; '
                 'it is ingested right away.</div>')
     tokens = int(_num(stats, "tokens_ingested", 0))
     cells = _num(stats, "cells_in_use")
     n_ctx = _num(stats, "n_ctx")
-    full = _num(stats, "kv_bytes_full")
+    full = _num(stats, "kv_bytes_f16") or _num(stats, "kv_bytes_full")  # the reference: every token, in f16
     now = _num(stats, "kv_bytes_now")
     cards = []
     title = html.escape(doc_name) if doc_name else "Document"
@@ -104,9 +105,9 @@ def gauge_html(stats: dict | None, *, doc_name: str | None = None, n_pages: int 
     if full and now is not None:
         extra = _bar(1.0, "#9ca3af") + _bar(now / full, "#16a34a")
         cards.append(_card("KV memory", f"{now / MB:,.1f} MB",
-                           f"now, vs {full / MB:,.1f} MB for the full cache", extra))
+                           f"now, vs {full / MB:,.1f} MB for the full f16 cache", extra))
     ratio = (full / now) if (full and now) else None
-    if ratio is None and _num(stats, "ratio"):  # Stats.ratio is now / full
+    if ratio is None and _num(stats, "ratio"):  # Stats.ratio is now / full (of the same cache types)
         ratio = 1.0 / stats["ratio"]
     if ratio:
         kept = f"{1 / ratio:.0%} of the full cache's memory" if ratio >= 1 else ""

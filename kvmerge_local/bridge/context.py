@@ -185,6 +185,11 @@ class LlamaContext:
         self._batch = _lib.Batch(self.n_batch)
 
     @property
+    def kv_name(self) -> str:
+        """The cache types as a user names them: ``"q8_0"`` (K and V) or ``"q8_0/q4_0"`` (K/V)."""
+        return self.kv_type if self.kv_type == self.type_v else f"{self.kv_type}/{self.type_v}"
+
+    @property
     def n_past(self) -> int:
         """The next position: ``seq_pos_max + 1`` (0 when empty)."""
         return _lib.memory_seq_pos_max(self.ptr, 0) + 1

@@ -28,6 +28,7 @@ from pathlib import Path
 from ..bridge import KVBridge, LlamaContext, LlamaModel
 from ..budget import Budget
 from ..errors import KVMergeError
+from ..memory import KVStorage, MemoryPlan
 from ..methods import DEFAULT_METHOD, Full, Method, get_method
 from .cache import TAIL_CHARS, DocumentCache
 from .chat import FORMAT_NAMES, detect_format
@@ -35,6 +36,7 @@ from .conversation import Chat
 from .documents import load_document, page_token_spans
 from .replay import FIRST_PROMPT, LATER_PROMPT, replay_prompt, replay_scores
 from .saved import SavedCacheError
+from .sizing import plan_memory
 from .stats import IngestProgress, Stats
 
 log = logging.getLogger(__name__)
@@ -73,11 +75,14 @@ class Session:
     def open(cls, model: str | os.PathLike | None = None, *, n_ctx: int = 2048, n_gpu_layers: int = 0,
              kv_type: str = "f16", flash_attn: bool = True, n_threads: int | None = None,
              method: str | Method = DEFAULT_METHOD, budget: Budget | float | int | str = 0.5, position_policy: str = "auto",
-             seed: int = 0, method_params: dict | None = None, chat_format: str | None = None) -> Session:
+             seed: int = 0, method_params: dict | None = None, chat_format: str | None = None,
+             memory: float | None = None) -> Session:
         """Open ``model`` (a GGUF path, a ``models.txt`` name, or None for the embedded default).
 
         ``budget``: fraction in (0, 1] of the document's tokens to keep, or an int cell count (see
-        :class:`~kvmerge_local.budget.Budget`);
+        :class:`~kvmerge_local.budget.Budget`); ``kv_type``: the cache's element types ("q8_0", or K/V such as
+        "q8_0/q4_0"); ``memory``: instead of both, a fraction in (0, 1] of the bytes an f16 cache of the whole
+        document takes, met by quantizing first and evicting the rest (:class:`~kvmerge_local.memory.MemoryPlan`);
         ``method``: a name from ``kvmerge-local methods`` (``method_params`` override its parameters);
         ``chat_format``: "gguf" (the model's own chat template), "llama2", "mistral" or "raw" (default: the
         template when the GGUF has one, else detected from the model's name).
@@ -86,7 +91,9 @@ class Session:
 
         if position_policy not in POSITION_POLICIES:
             raise ValueError(f"position_policy must be one of {POSITION_POLICIES}, got {position_policy!r}")
-        budget = Budget.parse(budget)
+        budget, storage = Budget.parse(budget), KVStorage.parse(kv_type)
+        if memory is not None:
+            MemoryPlan.for_fraction(memory)  # a bad fraction fails before the model loads
         params = dict(method_params or {})
         if isinstance(method, Method):
             meth, name = method, getattr(method, "name", type(method).__name__)
@@ -102,7 +109,11 @@ class Session:
         lm = LlamaModel(path, n_gpu_layers=n_gpu_layers)
         ctx = None
         try:
-            ctx = LlamaContext(lm, n_ctx=n_ctx, n_threads=n_threads, flash_attn=flash_attn, kv_type=kv_type)
+            if memory is not None:
+                plan = plan_memory(memory, lm.geom.head_dim, flash_attn)
+                budget, storage = plan.budget, plan.storage
+            ctx = LlamaContext(lm, n_ctx=n_ctx, n_threads=n_threads, flash_attn=flash_attn, kv_type=storage.type_k,
+                               type_v=storage.type_v)
             s = cls(lm, ctx, method=meth, method_name=name, budget=budget, position_policy=position_policy,
                     seed=seed, method_params=params, chat_format=chat_format,
                     model_label=entry.name if entry else path.name, flash_attn=flash_attn)
@@ -111,7 +122,7 @@ class Session:
                 ctx.close()
             lm.close()
             raise
-        log.info("session: %s, n_ctx %d, %s cache, method %s, budget %s, format %s", path.name, ctx.n_ctx, kv_type,
+        log.info("session: %s, n_ctx %d, %s cache, method %s, budget %s, format %s", path.name, ctx.n_ctx, storage,
                  name, budget, s.fmt.name)
         return s
 
@@ -141,13 +152,14 @@ class Session:
         chat = max(0, cells - c.n_cells)
         full = c.bytes_per_cell * (c.n_tokens + chat)
         now = c.bytes_per_cell * cells
+        f16 = self.model.geom.bytes_per_cell(1, 1) * (c.n_tokens + chat)  # ggml type 1: f16
         return Stats(tokens_ingested=c.n_tokens, cells_in_use=cells, n_ctx=self.ctx.n_ctx,
-                     kv_bytes_full=full, kv_bytes_now=now, ratio=(now / full) if full else 1.0,
+                     kv_bytes_full=full, kv_bytes_f16=f16, kv_bytes_now=now, ratio=(now / full) if full else 1.0,
                      t_prefill=c.t_prefill, t_compact=c.t_compact, t_decode=self.chat.t_decode,
                      method=self.method_name, budget=self.budget.value, n_compactions=c.n_compactions,
                      n_reindex=c.n_reindex, doc_cells=c.n_cells, chat_cells=chat,
                      tokens_generated=self.chat.tokens_generated, position_policy=self.position_policy,
-                     kv_type=self.ctx.kv_type, n_ctx_train=self.n_ctx_train, bytes_per_cell=c.bytes_per_cell,
+                     kv_type=self.ctx.kv_name, n_ctx_train=self.n_ctx_train, bytes_per_cell=c.bytes_per_cell,
                      model=self.model_label, document=c.name)
 
     def kept_positions(self) -> np.ndarray:
@@ -315,7 +327,7 @@ class Session:
             "geometry": [g.n_layer, g.n_kv_head, g.head_dim],
             "method": self.method_name, "method_params": self.method_params, "budget": self.budget.value,
             "position_policy": self.position_policy, "chat_format": self.fmt.name,
-            "n_ctx": self.ctx.n_ctx, "kv_type": self.ctx.kv_type, "flash_attn": bool(self.flash_attn),
+            "n_ctx": self.ctx.n_ctx, "kv_type": self.ctx.kv_name, "flash_attn": bool(self.flash_attn),
             "stats": self.stats.as_dict(),
         }
         return c.save(path, st, meta)
@@ -331,7 +343,7 @@ class Session:
                                              model_label=self.model_label)
         if (cache.k_type, cache.v_type, st.v_trans) != (self.cache.k_type, self.cache.v_type, not self.flash_attn):
             raise SavedCacheError(f"{p.name} was saved with kv_type={meta.get('kv_type')}, "
-                                  f"flash_attn={meta.get('flash_attn')}; this session has kv_type={self.ctx.kv_type}, "
+                                  f"flash_attn={meta.get('flash_attn')}; this session has kv_type={self.ctx.kv_name}, "
                                   f"flash_attn={self.flash_attn} (open it with Session.load to match)")
         if st.n_cells > self.ctx.n_ctx - self.reserve:
             raise SavedCacheError(f"{p.name} holds {st.n_cells} cells; this session (n_ctx {self.ctx.n_ctx}) has room "

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..defaults import KV_TYPE_NAMES
+from ..memory import kv_type_arg
 from ..errors import KVMergeError
 from . import harness, perplexity, report, suite_report
 
@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", default="\\n", help="stop generating at this string (default: newline; '' = never)")
     p.add_argument("--prompt", default="auto", choices=["auto", "raw", "chat"],
                    help="raw: the file's text exactly; chat: the model's template; auto: raw unless it has one")
-    p.add_argument("--kv-type", default="f16", choices=KV_TYPE_NAMES)
+    p.add_argument("--kv-type", default="f16", type=kv_type_arg,
+                   help="cache element types: one for K and V, or K/V (e.g. q8_0/q4_0)")
     p.add_argument("--position-policy", default="auto", choices=["auto", "keep", "reindex"])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--ppl", type=Path, default=None, help="JSONL {id, text}: also measure held-out perplexity")

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..defaults import KV_TYPE_NAMES
+from ..memory import kv_type_arg
 from ..errors import KVMergeError
 from . import perplexity, ruler, suite, suite_report
 from .harness import BenchError, RunConfig, make_method, parse_budgets, parse_methods, progress_bar, read_jsonl
@@ -43,8 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="chat", choices=["chat", "raw"])
     p.add_argument("--n-ctx", type=int, default=None, help="default: the longest document + 640")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--kv-type", default="f16", choices=KV_TYPE_NAMES,
-                   help="the cache's element type (q8_0 / q4_0 halve / quarter its memory before any eviction)")
+    p.add_argument("--kv-type", default="f16", type=kv_type_arg,
+                   help="the cache's element types, one or K/V (q8_0 / q4_0 halve / quarter its memory before any "
+                        "eviction; q8_0/q4_0: K in q8_0, V in q4_0)")
+    p.add_argument("--memory", default=None,
+                   help="memory budgets instead of --budgets/--kv-type: fractions of the f16 full cache's bytes, each "
+                        "met by quantizing first and evicting the rest (kvmerge_local/memory.py); methods are "
+                        "reported as METHOD@TYPES against the f16 full cache")
     p.add_argument("--ppl", type=Path, default=None, help="JSONL {id, text}: also measure held-out perplexity")
     p.add_argument("--ppl-limit", type=int, default=None, help="at most this many perplexity texts")
     p.add_argument("--out", required=True, type=Path)
@@ -75,15 +80,24 @@ def main(argv: list[str] | None = None) -> int:
         configs += [(n, make_method(n), b) for n in names if n != "full" for b in budgets]
         if not any(n == "full" for n, _, _ in configs):
             raise BenchError("the suite needs 'full' among the methods (retention is measured against it)")
+        memories = parse_budgets(a.memory) if a.memory is not None else None
+        if memories is not None and (a.kv_type != "f16" or a.ppl):
+            raise BenchError("--memory picks the cache types itself: give it without --kv-type and --ppl")
         model = a.model if a.model is not None else str(default_document_model())
         t0 = time.perf_counter()
         docs, n_ctx = _documents(a, model, lengths, tasks)
-        with Session.open(model, n_ctx=n_ctx, n_threads=a.threads, kv_type=a.kv_type,
-                          chat_format="raw" if a.prompt == "raw" else None) as s:
-            rows = _run(s, docs, configs, suite.SuiteConfig(prompt=a.prompt), a.quiet)
-            label = s.model_label
+        runs = [(a.kv_type, configs, None)]
+        if memories is not None:
+            runs = [("f16", configs[:1], None)] + memory_runs(names, memories, _head_dim(model))
+        rows, cfg = [], suite.SuiteConfig(prompt=a.prompt)
+        for kv_type, confs, labels in runs:
+            with Session.open(model, n_ctx=n_ctx, n_threads=a.threads, kv_type=kv_type,
+                              chat_format="raw" if a.prompt == "raw" else None) as s:
+                rows += relabel(_run(s, docs, confs, cfg, a.quiet), labels)
+                label = s.model_label
         ppl = _perplexity(a, names, budgets, model, n_ctx) if a.ppl else None
-        meta = {"model": label, "prompt": a.prompt, "kv_type": a.kv_type, "n_ctx": n_ctx, "documents": len(docs),
+        meta = {"model": label, "prompt": a.prompt, "kv_type": "by memory budget" if memories else a.kv_type,
+                "budget_unit": "memory" if memories else "cells", "n_ctx": n_ctx, "documents": len(docs),
                 "lengths": a.lengths, "seed": a.seed, "seconds": round(time.perf_counter() - t0, 1)}
         paths = suite_report.write(a.out, rows, meta, ppl)
     except (KVMergeError, ValueError) as e:
@@ -116,6 +130,48 @@ def _perplexity(a, names: list[str], budgets: list[float], model: str, n_ctx: in
         return perplexity.run(texts, names, budgets, cfg, progress=update)
     finally:
         close()
+
+
+def _head_dim(model: str) -> int:
+    from ..bridge import LlamaModel  # noqa: PLC0415
+    from ..models import resolve_model  # noqa: PLC0415
+
+    m = LlamaModel(resolve_model(model)[0])
+    try:
+        return m.geom.head_dim
+    finally:
+        m.close()
+
+
+def memory_runs(names: list[str], memories: list[float], head_dim: int) -> list[tuple[str, list, dict]]:
+    """One run per cache storage the memory budgets need: (kv_type, configs, labels), where labels maps a run's
+    (method, cell budget) to the (``METHOD@TYPES``, memory budget) rows it stands for.  A plan that keeps every
+    cell runs only ``full`` at that storage (any method keeps everything)."""
+    from ..engine.sizing import plan_memory  # noqa: PLC0415
+
+    runs: dict[str, tuple[list, dict]] = {}
+    for m in memories:
+        plan = plan_memory(m, head_dim)
+        confs, labels = runs.setdefault(plan.storage.name, ([], {}))
+        cells = plan.budget.value
+        for n in (["full"] if cells == 1.0 else [n for n in names if n != "full"]):
+            key = (n, cells)
+            if key not in labels:
+                confs.append((n, make_method(n), cells))
+            labels.setdefault(key, []).append((f"{n}@{plan.storage.name}", m))
+    return [(kv, confs, labels) for kv, (confs, labels) in runs.items()]
+
+
+def relabel(rows: list[dict], labels: dict | None) -> list[dict]:
+    """Rows of a memory run under their (``METHOD@TYPES``, memory budget) labels (one copy per label); the run's
+    own cell budget is kept as ``cell_budget``.  ``labels`` None: the rows as they are."""
+    if labels is None:
+        return rows
+    out = []
+    for r in rows:
+        for name, m in labels[(r["method"], r["budget"])]:
+            out.append({**r, "method": name, "budget": m, "cell_budget": r["budget"]})
+    return out
 
 
 def read_documents(path: Path) -> list[dict]:

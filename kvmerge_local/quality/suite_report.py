@@ -138,6 +138,10 @@ def markdown(agg: dict, meta: dict, ppl: list[dict] | None = None) -> str:
     natural-text perplexity rows (``ppl``: :func:`kvmerge_local.quality.perplexity.run` rows) if given."""
     lines = [f"# Real-model suite: {meta.get('model', '')}", "",
              ", ".join(f"{k}: {v}" for k, v in meta.items() if k != "model"), "",
+             *(["Budgets are memory budgets: the fraction of the bytes the f16 full cache takes. METHOD@TYPES is "
+                "the method on the cache types the plan picked (quantize first, evict the rest; a plan that keeps "
+                "every cell runs only full@TYPES). Retention is against the f16 full cache.", ""]
+               if meta.get("budget_unit") == "memory" else []),
              "| method | budget | acc % (95% CI) | retention % (95% CI) | questions | docs | cells | compact s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(agg["overall"], key=lambda r: (-r["budget"], -r["acc"])):
@@ -171,10 +175,14 @@ def markdown(agg: dict, meta: dict, ppl: list[dict] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _finish(plt, fig, ax, ref: float, ylabel: str, path: Path) -> Path:
+XLABEL = {"cells": "budget (fraction of the document's cells kept)",
+          "memory": "memory budget (fraction of the f16 full cache's bytes)"}
+
+
+def _finish(plt, fig, ax, ref: float, ylabel: str, path: Path, unit: str = "cells") -> Path:
     """Reference line at ``ref``, labels, legend; save ``fig`` to ``path`` and close it."""
     ax.axhline(ref, color="k", lw=0.8, ls="--")
-    ax.set_xlabel("budget (fraction of the document's cells kept)")
+    ax.set_xlabel(XLABEL[unit])
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
@@ -184,7 +192,7 @@ def _finish(plt, fig, ax, ref: float, ylabel: str, path: Path) -> Path:
     return path
 
 
-def plots(agg: dict, out: Path) -> list[Path]:
+def plots(agg: dict, out: Path, unit: str = "cells") -> list[Path]:
     """retention_vs_budget.png and, with teacher-forced rows, answer_nll_vs_budget.png (matplotlib, Agg)."""
     import matplotlib  # noqa: PLC0415
 
@@ -205,7 +213,8 @@ def plots(agg: dict, out: Path) -> list[Path]:
         hi = [100 * r["ret_hi"] for r in rs]
         ax.plot(x, y, marker="o", label=m)
         ax.fill_between(x, lo, hi, alpha=0.12)
-    paths.append(_finish(plt, fig, ax, 100, "retention of full-cache accuracy, %", out / "retention_vs_budget.png"))
+    paths.append(_finish(plt, fig, ax, 100, "retention of full-cache accuracy, %", out / "retention_vs_budget.png",
+                         unit))
     if any("dnll" in r for r in agg["overall"]):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for m, rs in sorted(by_m.items()):
@@ -214,7 +223,7 @@ def plots(agg: dict, out: Path) -> list[Path]:
                 ax.errorbar([r["budget"] for r in rs], [r["dnll"] for r in rs], marker="o", label=m, capsize=3,
                             yerr=[[r["dnll"] - r["dnll_lo"] for r in rs], [r["dnll_hi"] - r["dnll"] for r in rs]])
         paths.append(_finish(plt, fig, ax, 0, "gold answer NLL - full cache's (nats/token)",
-                             out / "answer_nll_vs_budget.png"))
+                             out / "answer_nll_vs_budget.png", unit))
     return paths
 
 
@@ -229,7 +238,7 @@ def write(out: str | Path, rows: list[dict], meta: dict, ppl: list[dict] | None 
                              default=str))
     pm = d / "results.md"
     pm.write_text(markdown(agg, meta, ppl))
-    return {"json": pj, "md": pm, "plots": plots(agg, d)}
+    return {"json": pj, "md": pm, "plots": plots(agg, d, meta.get("budget_unit", "cells"))}
 
 
 def show(paths: dict) -> int:
