@@ -119,7 +119,7 @@ class MemoryPlan:
         return cls(m, smallest, Budget(round(m / smallest.ratio, 4)))
 
     def __str__(self) -> str:
-        return f"{self.memory:.0%} memory = {self.storage} cache, {self.budget.value:.0%} of the cells"
+        return f"{100 * self.memory:g}% memory = {self.storage} cache, {100 * self.budget.value:g}% of the cells"
 
 
 def kv_type_arg(value: str) -> str:

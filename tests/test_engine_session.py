@@ -201,7 +201,8 @@ def test_bad_inputs_leave_session_usable(session, tmp_path):
 @pytest.mark.parametrize("kw,match", [({"budget": 0}, "budget"), ({"budget": 1.5}, "budget"),
                                       ({"method": "nope"}, "unknown method"),
                                       ({"position_policy": "shift"}, "position_policy"),
-                                      ({"method_params": {"bogus": 1}}, "no parameter"), ({"kv_type": "q3"}, "kv_type"),
+                                      ({"method_params": {"bogus": 1}}, "no parameter"), ({"kv_type": "q3"}, "unknown cache type .q3."),
+                                          ({"memory": 1.5}, "memory must be a fraction in"),
                                       ({"n_ctx": 8}, "n_ctx"), ({"chat_format": "chatml"}, "chat format")])
 def test_bad_open_arguments(model_path, kw, match):
     with pytest.raises(ValueError, match=match):

@@ -64,7 +64,8 @@ def test_ingest_saves_the_cache_and_reloads_it(bench, pdf, reference, tmp_path):
     snap = wb.snapshot
     assert snap.stats["tokens_ingested"] == reference["stats"]["tokens_ingested"]
     assert snap.pages == reference["pages"] and snap.coverage is not None
-    assert snap.coverage.mean == pytest.approx(0.5, abs=0.1)
+    kept = reference["stats"]["doc_cells"] / reference["stats"]["tokens_ingested"]  # the default memory plan's
+    assert kept < 1 and snap.coverage.mean == pytest.approx(kept, abs=0.1)
     assert [d.key for d in wb.library.list()] == [doc.key] and doc.cache_path.is_file()
     assert ask(wb, "Who kept the log?", "tab1") == reference["q1"]
 
