@@ -38,9 +38,10 @@ def browser():
 
 def test_upload_ask_and_see_the_answer(browser, tiny_llama_small, tmp_path):
     from kvmerge_local import Session
+    from kvmerge_local.ui.choices import Settings
 
     pdf = make_pdf(tmp_path / "lighthouse.pdf", STORY)
-    with Session.open(str(tiny_llama_small), n_threads=1) as s:
+    with Session.open(str(tiny_llama_small), n_threads=1, **Settings().open_kwargs()) as s:  # the app's defaults
         tokens = s.ingest(pdf).tokens_ingested
         expected = norm("".join(s.ask(QUESTION, max_new_tokens=N_NEW)))
     word = max(re.findall(r"[A-Za-z]{3,}", expected) or [""], key=len)
