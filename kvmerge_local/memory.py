@@ -12,7 +12,7 @@ full cache fits, else the smallest storage with the cell budget that fits.  Why 
 SmolLM2-135M-Instruct the quantized caches keep the full cache's answers while eviction at the same memory loses
 many (README, "Results on the real model"; docs/MEMORY.md).  Keys stay in q8_0 in the ladder: they carry outlier
 channels that per-token 4-bit blocks quantize worst (KIVI, docs/MEMORY.md); ``--kv-type q4_0`` is there for who
-wants it.  Importing this module loads nothing but the standard library.
+wants it.  Importing this module loads NumPy and the codec's type table, not Numba or llama.cpp.
 """
 from __future__ import annotations
 
@@ -20,10 +20,13 @@ import numbers
 from dataclasses import dataclass
 
 from .budget import Budget
+from .codec.types import TYPE_IDS, TYPES
 from .defaults import KV_TYPE_NAMES
 
-#: Bits per element of each cache type (ggml: q8_0 = 32 int8 + one f16 scale, q4_0 = 32 nibbles + one scale).
-BITS = {"f32": 32.0, "f16": 16.0, "bf16": 16.0, "q8_0": 8.5, "q4_0": 4.5}
+def _bits(name: str) -> float:
+    """Bits per element of a cache type, from ggml's block sizes (q8_0: 34 bytes per 32 elements)."""
+    t = TYPES[TYPE_IDS[name]]
+    return 8.0 * t.block_bytes / t.block
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,7 @@ class KVStorage:
     @property
     def ratio(self) -> float:
         """Bytes per cell relative to an f16 K and V cache of the same model (head_dim a multiple of 32)."""
-        return (BITS[self.type_k] + BITS[self.type_v]) / (2 * BITS["f16"])
+        return (_bits(self.type_k) + _bits(self.type_v)) / (2 * _bits("f16"))
 
     @property
     def quantized_v(self) -> bool:
